@@ -1,0 +1,329 @@
+"""Noise schedules, the Gaussian diffusion over item embeddings, and the transformer Approximator.
+
+DiffuRec (Li, Sun, Li, TOIS 2024) diffuses the embedding of the target item, x_0 = E[label] (d values),
+and learns an Approximator f(h, x_t, t) -> x0_hat that reads the embedded history h (B x L x d).
+Recommendation runs the reverse process from x_T ~ N(0, I) and ranks items by x_0 . E^T.
+
+Everything here follows DIFFUREC_SPEC.md sections 2 and 3; quirks of the authors' code are named where
+they are reproduced.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SCHEDULES = ('linear', 'trunc_lin', 'pw_lin', 'cosine', 'sqrt', 'trunc_cos')
+ATTENTION_MASKS = ('query', 'key', 'causal')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Noise schedules: pure functions returning float64 arrays of length T
+# ----------------------------------------------------------------------------------------------------------
+
+def betas_for_alpha_bar(num_steps, alpha_bar, max_beta=0.999):
+    """beta_i = min(1 - a((i+1)/T) / a(i/T), max_beta) for i = 0..T-1."""
+    return np.array([min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+                     for i in range(num_steps)], dtype=np.float64)
+
+
+def get_named_beta_schedule(name, num_steps):
+    """The beta schedule `name` for `num_steps` diffusion steps, as a float64 array of shape (T,).
+
+    Raises ValueError for an unknown name or a schedule whose betas leave (0, 1] at this T
+    (the linear schedule needs T >= 20, for example).
+    """
+    if num_steps < 1:
+        raise ValueError(f'diffusion_steps must be at least 1, got {num_steps}')
+    scale = 1000.0 / num_steps
+    if name == 'linear':
+        betas = np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+    elif name == 'trunc_lin':
+        end = scale * 0.02 + 0.01
+        if end > 1:
+            end = scale * 0.001 + 0.01
+        betas = np.linspace(scale * 1e-4 + 0.01, end, num_steps, dtype=np.float64)
+    elif name == 'pw_lin':
+        if num_steps <= 10:
+            raise ValueError(f'noise_schedule pw_lin needs diffusion_steps > 10, got {num_steps}')
+        betas = np.concatenate([np.linspace(scale * 1e-4 + 0.01, scale * 1e-4, 10, dtype=np.float64),
+                                np.linspace(scale * 1e-4, scale * 0.02, num_steps - 10, dtype=np.float64)])
+    elif name == 'cosine':
+        betas = betas_for_alpha_bar(num_steps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
+    elif name == 'sqrt':
+        betas = betas_for_alpha_bar(num_steps, lambda t: 1 - math.sqrt(t + 0.0001))
+    elif name == 'trunc_cos':
+        def alpha_bar(t):
+            return math.cos((t + 0.1) / 1.1 * math.pi / 2) ** 2
+        betas = np.concatenate([[min(1 - alpha_bar(0), 0.999)], betas_for_alpha_bar(num_steps, alpha_bar)[:-1]])
+    else:
+        raise ValueError(f'unknown noise_schedule {name!r}; choose one of {", ".join(SCHEDULES)}')
+    if not np.all((betas > 0) & (betas <= 1)):
+        raise ValueError(f'noise_schedule {name} gives betas outside (0, 1] at diffusion_steps={num_steps} '
+                         f'(range {betas.min():.4g}..{betas.max():.4g}); use more steps or another schedule')
+    return betas
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim), cosines first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def _extract(values, t):
+    """values (T,) tensor, t (B,) long -> (B, 1) for broadcasting against (B, d)."""
+    return values[t].unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Gaussian diffusion
+# ----------------------------------------------------------------------------------------------------------
+
+class GaussianDiffusion(nn.Module):
+    """Constants of the forward process q and the reverse process p over T steps, computed once in float64.
+
+    Held as (non-persistent) float32 buffers so they follow the model's device.
+    """
+
+    def __init__(self, betas, rescale_timesteps=True):
+        super().__init__()
+        betas = np.asarray(betas, dtype=np.float64)
+        self.num_timesteps = len(betas)
+        self.rescale_timesteps = rescale_timesteps
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        consts = {
+            'betas': betas,
+            'alphas_cumprod': alphas_cumprod,
+            'sqrt_alphas_cumprod': np.sqrt(alphas_cumprod),
+            'sqrt_one_minus_alphas_cumprod': np.sqrt(1.0 - alphas_cumprod),
+            'posterior_variance': posterior_variance,
+            'posterior_mean_coef1': betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            'posterior_mean_coef2': (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+            # The reverse process uses the larger variance beta_t, except posterior_variance[1] at t = 0
+            # (whose posterior variance is 0). With T = 1 there is no beta[1]: fall back to beta[0].
+            'model_log_variance': np.log(np.append(posterior_variance[1], betas[1:])
+                                         if self.num_timesteps > 1 else betas),
+        }
+        self.consts64 = consts
+        for name, value in consts.items():
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
+
+    def scale_timesteps(self, t):
+        """t (B,) long -> the value the time embedding sees: t * 1000 / T when rescaling."""
+        if self.rescale_timesteps:
+            return t.float() * (1000.0 / self.num_timesteps)
+        return t.float()
+
+    def q_sample(self, x_start, t, noise):
+        """Draw from q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). x_start, noise (B, d); t (B,)."""
+        return (_extract(self.sqrt_alphas_cumprod, t) * x_start
+                + _extract(self.sqrt_one_minus_alphas_cumprod, t) * noise)
+
+    def q_posterior_mean(self, x_start, x_t, t):
+        """Mean of q(x_{t-1} | x_t, x_0) = coef1_t x_0 + coef2_t x_t. All (B, d)."""
+        return _extract(self.posterior_mean_coef1, t) * x_start + _extract(self.posterior_mean_coef2, t) * x_t
+
+    def p_mean_variance(self, approximator, h, mask, x_t, t, lam=None):
+        """Mean and log-variance of p(x_{t-1} | x_t): the posterior with x_0 replaced by f(h, x_t, t)."""
+        x0_hat = approximator(h, x_t, self.scale_timesteps(t), mask, lam=lam)
+        return self.q_posterior_mean(x0_hat, x_t, t), _extract(self.model_log_variance, t)
+
+    def p_sample(self, approximator, h, mask, x_t, t, noise=None, lam=None):
+        """One reverse step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0."""
+        mean, log_variance = self.p_mean_variance(approximator, h, mask, x_t, t, lam=lam)
+        if noise is None:
+            noise = torch.randn_like(x_t)
+        nonzero = (t != 0).to(x_t.dtype).unsqueeze(-1)
+        return mean + nonzero * torch.exp(0.5 * log_variance) * noise
+
+    def p_sample_loop(self, approximator, h, mask, x_T=None, step_noise=None, lam=None):
+        """Run the reverse process from x_T (B, d) down to t = 0 and return x_0 (B, d).
+
+        x_T defaults to N(0, I); step_noise, if given, holds one (B, d) tensor per step in the order
+        t = T-1, ..., 0. lam fixes the uncertainty draw for every step (the reference draws it anew).
+        """
+        batch = h.shape[0]
+        x_t = torch.randn(batch, h.shape[-1], device=h.device, dtype=h.dtype) if x_T is None else x_T
+        for i, step in enumerate(reversed(range(self.num_timesteps))):
+            t = torch.full((batch,), step, device=h.device, dtype=torch.long)
+            noise = None if step_noise is None else step_noise[i]
+            x_t = self.p_sample(approximator, h, mask, x_t, t, noise=noise, lam=lam)
+        return x_t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Approximator f(h, x_t, t) -> x0_hat
+# ----------------------------------------------------------------------------------------------------------
+
+def keep_mask(shape, p, device):
+    """Bernoulli(1 - p) keep mask (bool, `shape`), each element cut from 16 random bits.
+
+    One 64-bit random word gives four elements, so this draws a quarter of the random numbers that
+    F.dropout's Bernoulli sampling does (which was a third of a CPU training step). The keep
+    probability is exact to 1/65536.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
+    return (words.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)
+
+
+def dropout(x, p, training):
+    """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p)."""
+    if not training or p == 0.0:
+        return x
+    return x * (keep_mask(x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p)))
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with the cheaper masks of keep_mask()."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f'p={self.p}'
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with separate q, k, v projections and an output projection."""
+
+    def __init__(self, hidden_size, heads, dropout):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.k = nn.Linear(hidden_size, hidden_size)
+        self.v = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        nn.init.xavier_normal_(self.out.weight)
+
+    def _split(self, x):
+        B, L, d = x.shape
+        return x.view(B, L, self.heads, d // self.heads).transpose(1, 2)  # (B, H, L, d/H)
+
+    def forward(self, x, query_keep=None, attn_mask=None, last_only=False):
+        """x (B, L, d) -> (B, L, d), or (B, 1, d) with last_only.
+
+        query_keep (B, L, 1) zeroes the queries of padded rows: their scores are then all equal and the
+        softmax is uniform over all L positions, exactly what the reference's -1e9 fill of whole query
+        rows gives (the MASK QUIRK), while real rows attend to every position with no mask at all.
+        attn_mask (B, 1, L, L) bool, True = may attend, is the corrected alternative.
+        """
+        B, L, d = x.shape
+        q_in = x[:, -1:] if last_only else x
+        q = self.q(q_in)
+        if query_keep is not None:
+            q = q * (query_keep[:, -1:] if last_only else query_keep)
+        if attn_mask is not None and last_only:
+            attn_mask = attn_mask[:, :, -1:]
+        q, k, v = self._split(q), self._split(self.k(x)), self._split(self.v(x))
+        if self.training and self.dropout > 0:  # written out, for the cheaper dropout mask on the probabilities
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Lq, L)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float('-inf'))
+            y = dropout(scores.softmax(-1), self.dropout, True) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(y.transpose(1, 2).reshape(B, q_in.shape[1], d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: x + Drop(MHA(LN x)), then x + Drop(W2 Drop(act(W1 LN x))), then a dropout on the output."""
+
+    def __init__(self, hidden_size, heads, dropout, hidden_act='gelu'):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.attn = MultiHeadAttention(hidden_size, heads, dropout)
+        self.ln_ffn = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.w1 = nn.Linear(hidden_size, 4 * hidden_size)
+        self.w2 = nn.Linear(4 * hidden_size, hidden_size)
+        nn.init.xavier_normal_(self.w1.weight)
+        nn.init.xavier_normal_(self.w2.weight)
+        self.dropout = Dropout(dropout)
+        if hidden_act == 'gelu':  # the reference's hand-written GELU is the tanh approximation
+            self.act = lambda z: F.gelu(z, approximate='tanh')
+        elif hidden_act == 'relu':
+            self.act = F.relu
+        else:
+            raise ValueError(f'unknown hidden_act {hidden_act!r}; choose gelu or relu')
+
+    def forward(self, x, query_keep=None, attn_mask=None, last_only=False):
+        """x (B, L, d) -> (B, L, d); with last_only only the last position is computed: (B, 1, d)."""
+        a = self.attn(self.ln_attn(x), query_keep, attn_mask, last_only)
+        x = (x[:, -1:] if last_only else x) + self.dropout(a)
+        x = x + self.dropout(self.w2(self.dropout(self.act(self.w1(self.ln_ffn(x))))))
+        return self.dropout(x)
+
+
+def attention_mask(mask, mode):
+    """Masks for the attention of `mode` from mask (B, L) bool (True = real item).
+
+    Returns (query_keep, attn_mask): query_keep (B, L, 1) float for the reference's query-row quirk,
+    attn_mask (B, 1, L, L) bool for the key and causal corrections. A padded row may always attend to
+    itself, so no row is empty (its output never reaches a real position).
+    """
+    if mode == 'query':
+        return mask.unsqueeze(-1).float(), None
+    L = mask.shape[1]
+    eye = torch.eye(L, dtype=torch.bool, device=mask.device)
+    allowed = mask[:, None, :].expand(-1, L, -1)  # (B, Lq, Lk): key j is real
+    if mode == 'causal':
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+    elif mode != 'key':
+        raise ValueError(f'unknown attention_mask {mode!r}; choose one of {", ".join(ATTENTION_MASKS)}')
+    return None, (allowed | eye).unsqueeze(1)
+
+
+class Approximator(nn.Module):
+    """f(h, x_t, t) -> x0_hat: a transformer over h + lambda * (x_t + time_mlp(emb(t))).
+
+    lambda ~ N(delta, delta^2) elementwise (B, L, d), drawn anew on each call unless given.
+    """
+
+    def __init__(self, hidden_size=128, num_blocks=4, heads=4, dropout=0.1, lambda_uncertainty=0.001,
+                 hidden_act='gelu', attention='query'):
+        super().__init__()
+        if hidden_size % heads:
+            raise ValueError(f'hidden_size {hidden_size} is not divisible by {heads} heads')
+        if attention not in ATTENTION_MASKS:
+            raise ValueError(f'unknown attention_mask {attention!r}; choose one of {", ".join(ATTENTION_MASKS)}')
+        self.hidden_size = hidden_size
+        self.lambda_uncertainty = lambda_uncertainty
+        self.attention = attention
+        self.time_mlp = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(),
+                                      nn.Linear(4 * hidden_size, hidden_size))
+        self.blocks = nn.ModuleList(TransformerBlock(hidden_size, heads, dropout, hidden_act)
+                                    for _ in range(num_blocks))
+        self.dropout = Dropout(dropout)
+        self.out_ln = nn.LayerNorm(hidden_size, eps=1e-12)
+
+    def transformer(self, u, mask, last_only=False):
+        """u (B, L, d), mask (B, L) bool -> out_ln(Drop(blocks(u))): (B, L, d), or (B, 1, d) with last_only."""
+        query_keep, attn_mask = attention_mask(mask, self.attention)
+        for i, block in enumerate(self.blocks):
+            u = block(u, query_keep, attn_mask, last_only and i == len(self.blocks) - 1)
+        return self.out_ln(self.dropout(u))
+
+    def forward(self, h, x_t, t_scaled, mask, lam=None):
+        """h (B, L, d), x_t (B, d), t_scaled (B,) float, mask (B, L) bool -> x0_hat (B, d).
+
+        Only the last position leaves the transformer, so the last block computes only that position.
+        """
+        z = x_t + self.time_mlp(timestep_embedding(t_scaled, self.hidden_size))  # (B, d)
+        if lam is None:
+            lam = torch.randn_like(h).mul_(self.lambda_uncertainty).add_(self.lambda_uncertainty)
+        u = h + lam * z[:, None, :]  # (B, L, d)
+        return self.transformer(u, mask, last_only=True)[:, -1]

@@ -1,0 +1,98 @@
+"""The recommender around the diffusion: item table, embedding stage, training loss and scoring.
+
+Training (spec section 3): x_0 = E[label], t ~ sampler, x_t = q_sample(x_0, t, eps), x0_hat = f(h, x_t, t),
+loss = cross-entropy(x0_hat E^T, label) over all n_items + 1 rows.
+Inference: x_0 from the reverse process, scores = x_0 E^T ("inner") or minus the squared distance ("routing").
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffurec import Approximator, Dropout, GaussianDiffusion, get_named_beta_schedule
+from step_sample import create_named_schedule_sampler
+
+ROUNDINGS = ('inner', 'routing')
+
+
+class DiffuRec(nn.Module):
+    """DiffuRec over n_items items (ids 1..n_items, 0 = padding); the item table has n_items + 1 rows.
+
+    Reference quirks kept by default and their switches:
+      attention_mask='query'  padded query rows masked instead of padded keys (Approximator docs)
+      rank_padding=True       the padding row takes part in the softmax of the loss and in the ranking
+    """
+
+    def __init__(self, n_items, hidden_size=128, num_blocks=4, heads=4, dropout=0.1, emb_dropout=0.3,
+                 lambda_uncertainty=0.001, hidden_act='gelu', diffusion_steps=32, noise_schedule='trunc_lin',
+                 rescale_timesteps=True, schedule_sampler_name='lossaware', attention_mask='query',
+                 rank_padding=True, rounding='inner'):
+        super().__init__()
+        if rounding not in ROUNDINGS:
+            raise ValueError(f'unknown rounding {rounding!r}; choose one of {", ".join(ROUNDINGS)}')
+        self.n_items = n_items
+        self.rank_padding = rank_padding
+        self.rounding = rounding
+        self.item_table = nn.Embedding(n_items + 1, hidden_size)  # N(0, 1) init; row 0 is learned too
+        self.embed_dropout = Dropout(emb_dropout)
+        self.embed_ln = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.diffusion = GaussianDiffusion(get_named_beta_schedule(noise_schedule, diffusion_steps),
+                                           rescale_timesteps=rescale_timesteps)
+        self.approximator = Approximator(hidden_size, num_blocks, heads, dropout, lambda_uncertainty,
+                                         hidden_act, attention_mask)
+        self.sampler = create_named_schedule_sampler(schedule_sampler_name, diffusion_steps)
+
+    @classmethod
+    def from_config(cls, cfg, n_items):
+        """Build from a main.py config (argparse namespace or dict)."""
+        c = cfg if isinstance(cfg, dict) else vars(cfg)
+        return cls(n_items, hidden_size=c['hidden_size'], num_blocks=c['num_blocks'], heads=c['heads'],
+                   dropout=c['dropout'], emb_dropout=c['emb_dropout'],
+                   lambda_uncertainty=c['lambda_uncertainty'], hidden_act=c['hidden_act'],
+                   diffusion_steps=c['diffusion_steps'], noise_schedule=c['noise_schedule'],
+                   rescale_timesteps=c['rescale_timesteps'], schedule_sampler_name=c['schedule_sampler_name'],
+                   attention_mask=c['attention_mask'], rank_padding=c['rank_padding'], rounding=c['rounding'])
+
+    def embed(self, seq):
+        """seq (B, L) long -> h = LN(Drop(E[seq])) (B, L, d) and mask = seq > 0 (B, L)."""
+        return self.embed_ln(self.embed_dropout(self.item_table(seq))), seq > 0
+
+    def logits(self, x):
+        """x (B, d) -> x E^T (B, n_items + 1); the padding column is -inf unless rank_padding."""
+        logits = x @ self.item_table.weight.t()
+        if not self.rank_padding:
+            logits[:, 0] = float('-inf')
+        return logits
+
+    def forward(self, seq, labels):
+        """Training loss. seq (B, L), labels (B,) -> (mean loss, per-sample losses (B,), timesteps (B,))."""
+        h, mask = self.embed(seq)
+        x_start = self.item_table(labels)  # (B, d): the raw row, no dropout or LayerNorm
+        t, _ = self.sampler.sample(seq.shape[0], seq.device)
+        x_t = self.diffusion.q_sample(x_start, t, torch.randn_like(x_start))
+        x0_hat = self.approximator(h, x_t, self.diffusion.scale_timesteps(t), mask)
+        losses = F.cross_entropy(self.logits(x0_hat).float(), labels, reduction='none')
+        return losses.mean(), losses, t
+
+    @torch.no_grad()
+    def sample(self, seq, x_T=None):
+        """Reverse process for a batch of histories: seq (B, L) -> x_0 (B, d)."""
+        h, mask = self.embed(seq)
+        return self.diffusion.p_sample_loop(self.approximator, h, mask, x_T=x_T)
+
+    @torch.no_grad()
+    def scores(self, seq, exclude_history=False):
+        """seq (B, L) -> scores (B, n_items + 1) over every row of the item table, higher is better."""
+        x0 = self.sample(seq).float()
+        if self.rounding == 'inner':
+            scores = self.logits(x0)
+        else:  # routing: minus the squared Euclidean distance, clamped at 0 as the reference does
+            table = self.item_table.weight.float()
+            dist = (x0 ** 2).sum(-1, keepdim=True) + (table ** 2).sum(-1)[None] - 2.0 * x0 @ table.t()
+            scores = -dist.clamp(min=0.0)
+            if not self.rank_padding:
+                scores[:, 0] = float('-inf')
+        if exclude_history:
+            padding_column = scores[:, 0].clone()
+            scores.scatter_(1, seq, float('-inf'))
+            scores[:, 0] = padding_column  # padding is governed by rank_padding, not by history
+        return scores
