@@ -1,0 +1,274 @@
+"""DiffuRec: train, validate and test on a sequential-recommendation dataset.
+
+    python main.py --dataset amazon_beauty          # the paper's experiment
+    python main.py --dataset synthetic              # a minute on a CPU, no download
+
+Every flag of the authors' script keeps its name and default; `python main.py --help` lists them all.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+
+import torch
+
+import utils
+from model import DiffuRec
+from trainer import RunStopped, Trainer, evaluate, format_metrics, load_checkpoint, metric_names, metrics_table
+
+METRIC_CHOICES = ('batch', 'user')
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return value
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description='DiffuRec (Li, Sun, Li, TOIS 2024): a diffusion model for sequential '
+                                            'recommendation. Defaults reproduce the authors\' code.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    B = argparse.BooleanOptionalAction
+    data = p.add_argument_group('data')
+    data.add_argument('--dataset', default='amazon_beauty',
+                      help='amazon_beauty, toys, ml-1m, steam, synthetic, or a folder name under --data_dir')
+    data.add_argument('--data_dir', default='datasets/data', help='folder holding <dataset>/dataset.pkl')
+    data.add_argument('--max_len', type=positive_int, default=50, help='history length L (older items are cut)')
+
+    model = p.add_argument_group('model')
+    model.add_argument('--hidden_size', type=positive_int, default=128, help='embedding size d')
+    model.add_argument('--heads', type=positive_int, default=4, help='attention heads (the reference fixes 4)')
+    model.add_argument('--num_blocks', type=positive_int, default=4, help='transformer blocks of the Approximator')
+    model.add_argument('--dropout', type=float, default=0.1, help='dropout inside the Approximator')
+    model.add_argument('--emb_dropout', type=float, default=0.3, help='dropout on the item embeddings of the history')
+    model.add_argument('--hidden_act', default='gelu', choices=['gelu', 'relu'],
+                       help='feed-forward activation (gelu is the tanh approximation, as in the reference)')
+    model.add_argument('--diffusion_steps', type=positive_int, default=32, help='diffusion steps T')
+    model.add_argument('--noise_schedule', default='trunc_lin',
+                       choices=['trunc_lin', 'linear', 'pw_lin', 'cosine', 'sqrt', 'trunc_cos'], help='beta schedule')
+    model.add_argument('--schedule_sampler_name', default='lossaware', choices=['lossaware', 'uniform', 'fixstep'],
+                       help='timestep sampler for training')
+    model.add_argument('--lambda_uncertainty', type=float, default=0.001,
+                       help='mean and std of the uncertainty weight lambda ~ N(delta, delta^2)')
+    model.add_argument('--rescale_timesteps', action=B, default=True, help='feed t * 1000 / T to the time embedding')
+    model.add_argument('--attention_mask', default='query', choices=['query', 'key', 'causal'],
+                       help='query: the reference quirk (padded query rows masked); key: mask padded keys; '
+                            'causal: key plus a causal mask')
+    model.add_argument('--rank_padding', action=B, default=True,
+                       help='the padding row takes part in the loss and the ranking (reference quirk)')
+    model.add_argument('--rounding', default='inner', choices=['inner', 'routing'],
+                       help='scores: inner product with the item table, or minus the squared distance')
+
+    train = p.add_argument_group('training')
+    train.add_argument('--epochs', type=positive_int, default=500, help='maximum number of epochs')
+    train.add_argument('--batch_size', type=positive_int, default=512, help='batch size (global, all processes)')
+    train.add_argument('--optimizer', default='Adam', choices=['Adam', 'SGD', 'adam', 'sgd'], help='optimizer')
+    train.add_argument('--lr', type=float, default=0.001, help='learning rate')
+    train.add_argument('--weight_decay', type=float, default=0.0, help='weight decay')
+    train.add_argument('--momentum', type=float, default=None, help='SGD momentum (None = 0)')
+    train.add_argument('--decay_step', type=positive_int, default=100, help='StepLR period in epochs')
+    train.add_argument('--gamma', type=float, default=0.1, help='StepLR factor')
+    train.add_argument('--loss_lambda', type=float, default=0.001,
+                       help='kept for compatibility: the reference objective never uses it')
+    train.add_argument('--update_lossaware', action='store_true',
+                       help='feed per-sample losses to the lossaware sampler (the reference never does)')
+    train.add_argument('--random_seed', type=int, default=1997, help='seed of every generator')
+    train.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'], help='bf16 runs under autocast')
+    train.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA)')
+
+    ev = p.add_argument_group('evaluation and model selection')
+    ev.add_argument('--eval_interval', type=positive_int, default=20, help='validate after epoch e when e != 0 and e %% this == 0')
+    ev.add_argument('--patience', type=positive_int, default=5, help='validations without improvement before stopping')
+    ev.add_argument('--metric_ks', type=positive_int, nargs='+', default=[5, 10, 20], help='cut-offs K of HR@K, NDCG@K')
+    ev.add_argument('--metric_average', default='batch', choices=METRIC_CHOICES,
+                    help='batch: mean of per-batch means (reference); user: exact mean over users')
+    ev.add_argument('--exclude_history', action='store_true', help='do not rank the items of the input sequence')
+    ev.add_argument('--select_metric', default=None,
+                    help='keep the model that is best on this one metric (e.g. NDCG@10) instead of any metric')
+    ev.add_argument('--strict', action='store_true',
+                    help='all corrections at once: --attention_mask key --no-rank_padding --exclude_history '
+                         '--metric_average user --select_metric NDCG@10 --update_lossaware')
+    ev.add_argument('--long_head', action='store_true', help='also test hot/cold and length groups of users')
+    ev.add_argument('--diversity_measure', action='store_true', help='category diversity of the top-K (needs a category file)')
+    ev.add_argument('--epoch_time_avg', action='store_true', help='report the mean epoch time')
+
+    run = p.add_argument_group('run')
+    run.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda or cuda:N')
+    run.add_argument('--num_gpu', type=positive_int, default=1, help='GPUs; above 1 use torchrun (see README)')
+    run.add_argument('--out_dir', default=None, help='run directory (default runs/<dataset>/<timestamp>)')
+    run.add_argument('--log_file', default='log/', help='folder that also receives a copy of the log ("" for none)')
+    run.add_argument('--description', default='Diffu_norm_score', help='free text stored with the run')
+    run.add_argument('--limit_train_batches', type=positive_int, default=None, help='smoke runs: batches per epoch')
+    run.add_argument('--limit_eval_batches', type=positive_int, default=None, help='smoke runs: batches per evaluation')
+    run.add_argument('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR')
+    return p
+
+
+# `--dataset synthetic` is for trying the pipeline in about a minute on a CPU: a smaller model and a shorter
+# schedule, used for every flag not given on the command line.
+SYNTHETIC_PRESET = dict(hidden_size=64, num_blocks=2, batch_size=256, epochs=20, eval_interval=5, patience=2)
+
+STRICT = dict(attention_mask='key', rank_padding=False, exclude_history=True, metric_average='user',
+              select_metric='NDCG@10', update_lossaware=True)
+
+
+def check_config(cfg):
+    """Reject impossible flag values before any work: raises ValueError with one line naming the fix."""
+    if cfg.hidden_size % cfg.heads:
+        raise ValueError(f'--hidden_size {cfg.hidden_size} is not divisible by --heads {cfg.heads}')
+    for name in ('dropout', 'emb_dropout'):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f'--{name} must lie in [0, 1), got {getattr(cfg, name)}')
+    for name in ('lr', 'gamma'):
+        if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
+            raise ValueError(f'--{name} must be a positive number, got {getattr(cfg, name)}')
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise ValueError(f'--weight_decay must be >= 0, got {cfg.weight_decay}')
+    if cfg.momentum is not None and not 0 <= cfg.momentum < 1:
+        raise ValueError(f'--momentum must lie in [0, 1), got {cfg.momentum}')
+    if not (cfg.lambda_uncertainty >= 0 and math.isfinite(cfg.lambda_uncertainty)):
+        raise ValueError(f'--lambda_uncertainty must be >= 0, got {cfg.lambda_uncertainty}')
+    from diffurec import get_named_beta_schedule
+    get_named_beta_schedule(cfg.noise_schedule, cfg.diffusion_steps)  # raises for a schedule invalid at this T
+    if cfg.select_metric and cfg.select_metric not in metric_names(cfg.metric_ks):
+        raise ValueError(f'--select_metric {cfg.select_metric} is not one of {", ".join(metric_names(cfg.metric_ks))}')
+    if cfg.diversity_measure:
+        raise ValueError('--diversity_measure needs a category file, which is not supported yet; drop the flag')
+
+
+def parse_config(argv=None):
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.dataset == 'synthetic':
+        parser.set_defaults(**SYNTHETIC_PRESET)
+    cfg = parser.parse_args(argv)
+    if cfg.strict:
+        for key, value in STRICT.items():
+            setattr(cfg, key, value)
+    cfg.optimizer = {'adam': 'Adam', 'sgd': 'SGD'}.get(cfg.optimizer.lower(), cfg.optimizer)
+    cfg.metric_ks = sorted(set(cfg.metric_ks))
+    return cfg
+
+
+def make_run_dir(cfg):
+    if cfg.out_dir:
+        path = cfg.out_dir
+    else:
+        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+        path = os.path.join('runs', cfg.dataset, stamp)
+        suffix = 1
+        while os.path.exists(path):
+            path, suffix = os.path.join('runs', cfg.dataset, f'{stamp}-{suffix}'), suffix + 1
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, '.write_test')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f'cannot write the run directory {path} ({e.strerror}); choose another --out_dir') from None
+    return path
+
+
+def write_json(obj, path):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def run(cfg):
+    """One experiment from a parsed config: returns the results dict (also written to results.json)."""
+    check_config(cfg)
+    if cfg.loss_lambda != 0.001:
+        warnings.warn('--loss_lambda has no effect: the reference objective never uses it', stacklevel=1)
+    if cfg.num_gpu > 1:
+        raise ValueError(f'--num_gpu {cfg.num_gpu}: several GPUs run through torchrun, e.g. '
+                         f'torchrun --nproc_per_node {cfg.num_gpu} main.py ... (see README, "Several GPUs")')
+    device = utils.choose_device(cfg.device)
+    utils.set_seed(cfg.random_seed)
+
+    data = utils.load_dataset(cfg.dataset, cfg.data_dir)
+    n_items = len(data['smap'])
+    if max(cfg.metric_ks) > n_items:
+        raise ValueError(f'--metric_ks {max(cfg.metric_ks)} exceeds the {n_items} items of {cfg.dataset}')
+    samples = utils.build_samples(data, cfg.max_len)
+    data_checksum = utils.samples_checksum(*samples['train'])
+
+    run_dir = make_run_dir(cfg)
+    log_paths = [os.path.join(run_dir, 'log.txt')]
+    if cfg.log_file:
+        os.makedirs(cfg.log_file, exist_ok=True)
+        log_paths.append(os.path.join(cfg.log_file, f'{cfg.dataset}_{os.path.basename(run_dir)}.log'))
+    log = utils.RunLog(log_paths)
+    write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))
+
+    model = DiffuRec.from_config(cfg, n_items).to(device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    smoke = bool(cfg.limit_train_batches or cfg.limit_eval_batches)
+    log(f'DiffuRec on {cfg.dataset}: {len(data["train"])} users, {n_items} items, '
+        f'{len(samples["train"][1])} training samples; {n_params:,} parameters; device {device}; run dir {run_dir}')
+    if smoke:
+        log('smoke run: --limit_train_batches/--limit_eval_batches set, results are marked smoke')
+
+    trainer = Trainer(model, cfg, samples, run_dir, device, log, data_checksum=data_checksum)
+    trainer.fit()
+
+    if trainer.kept_state is None:
+        log('no validation ran (epochs <= eval_interval): testing the final model')
+    final = trainer.final_model()
+    test = trainer.evaluate('test', model=final)
+    rows = {'test': test}
+    if trainer.best:
+        rows = {'best valid': trainer.best, **rows}
+    log('\n' + metrics_table(rows))
+
+    results = {
+        'dataset': cfg.dataset, 'config': utils.config_dict(cfg), 'test': test,
+        'best_valid': trainer.best, 'best_epoch': trainer.best_epoch, 'kept_epoch': trainer.kept_epoch,
+        'epochs_run': len(trainer.epoch_seconds), 'stopped_early': trainer.stopped_early,
+        'epoch_seconds': trainer.epoch_seconds, 'epoch_losses': trainer.epoch_losses,
+        'validations': trainer.history, 'n_params': n_params, 'device': str(device),
+        'torch_version': torch.__version__, 'smoke': smoke, 'data_checksum': data_checksum,
+        'host': platform.node(), 'threads': torch.get_num_threads(),
+    }
+    if cfg.epoch_time_avg:
+        results['epoch_time_avg'] = round(sum(trainer.epoch_seconds) / max(len(trainer.epoch_seconds), 1), 3)
+        log(f'mean epoch time: {results["epoch_time_avg"]:.2f}s over {len(trainer.epoch_seconds)} epochs')
+    if cfg.long_head:
+        groups = {}
+        for name, (inputs, labels) in utils.group_users(data, cfg.max_len).items():
+            if len(labels):
+                groups[name] = evaluate(final, inputs, labels, cfg.metric_ks, cfg.batch_size, device,
+                                        metric_average=cfg.metric_average, exclude_history=cfg.exclude_history,
+                                        precision=cfg.precision, limit_batches=cfg.limit_eval_batches, desc=name)
+                groups[name]['users'] = len(labels)
+        results['long_head'] = groups
+        log('group analysis\n' + metrics_table({k: {m: v[m] for m in metric_names(cfg.metric_ks)}
+                                                for k, v in groups.items()}))
+    write_json(results, os.path.join(run_dir, 'results.json'))
+    log(f'results written to {os.path.join(run_dir, "results.json")}')
+    return results
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        run(cfg)
+    except (ValueError, utils.DataError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except RunStopped as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

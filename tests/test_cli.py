@@ -1,0 +1,140 @@
+"""main.py end to end: short runs, outputs, and a clear one-line error for every bad input."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+import main
+from utils import make_synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--hidden_size', '32', '--num_blocks', '1', '--log_file', '']
+
+
+def run_main(args, capsys=None):
+    rc = main.main(args)
+    err = capsys.readouterr().err if capsys else ''
+    return rc, err
+
+
+def read_results(run_dir):
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        return json.load(f)
+
+
+def test_short_synthetic_run_learns_and_writes_everything(tmp_path):
+    out = str(tmp_path / 'run')
+    rc = main.main(['--dataset', 'synthetic', '--epochs', '11', '--eval_interval', '5', '--out_dir', out,
+                    '--long_head', '--epoch_time_avg', '--lr', '0.01'] + TINY)
+    assert rc == 0
+    res = read_results(out)
+    for key in ('dataset', 'config', 'test', 'best_valid', 'best_epoch', 'epochs_run', 'epoch_seconds',
+                'n_params', 'device', 'torch_version', 'smoke'):
+        assert key in res
+    assert res['smoke'] is False and res['epochs_run'] == 11 and len(res['epoch_seconds']) == 11
+    assert list(res['test']) == ['HR@5', 'HR@10', 'HR@20', 'NDCG@5', 'NDCG@10', 'NDCG@20']
+    chance = 10 / 200 * 100
+    assert res['test']['HR@10'] > 10 * chance, res['test']  # the synthetic pattern is learnt
+    assert res['best_epoch']['HR@10'] in (5, 10) and res['kept_epoch'] in (5, 10)
+    assert set(res['long_head']) == {'hot', 'cold', 'short', 'mid_short', 'mid', 'mid_long', 'long'}
+    assert res['epoch_time_avg'] > 0
+    with open(os.path.join(out, 'metrics.csv')) as f:
+        rows = f.read().strip().splitlines()
+    assert rows[0].startswith('epoch,loss,seconds,HR@5') and [r.split(',')[0] for r in rows[1:]] == ['5', '10']
+    with open(os.path.join(out, 'config.json')) as f:
+        assert json.load(f)['epochs'] == 11
+    assert os.path.isfile(os.path.join(out, 'checkpoint.pt')) and os.path.isfile(os.path.join(out, 'log.txt'))
+
+
+@pytest.mark.parametrize('epochs', [2, 3])  # epochs < and == eval_interval: no validation runs
+def test_final_model_is_tested_when_no_validation_ran(tmp_path, epochs):
+    out = str(tmp_path / 'run')
+    assert main.main(['--dataset', 'synthetic', '--epochs', str(epochs), '--eval_interval', '3',
+                      '--limit_train_batches', '2', '--out_dir', out] + TINY) == 0
+    res = read_results(out)
+    assert res['kept_epoch'] is None and res['best_valid'] == {} and res['smoke'] is True
+    assert set(res['test']) == {'HR@5', 'HR@10', 'HR@20', 'NDCG@5', 'NDCG@10', 'NDCG@20'}
+
+
+def test_real_dataset_smoke_run(tmp_path, shared_data_dir):
+    out = str(tmp_path / 'run')
+    assert main.main(['--dataset', 'toys', '--data_dir', str(shared_data_dir), '--epochs', '2',
+                      '--eval_interval', '1', '--limit_train_batches', '2', '--limit_eval_batches', '1',
+                      '--out_dir', out] + TINY) == 0
+    res = read_results(out)
+    assert res['smoke'] is True and res['epochs_run'] == 2 and res['kept_epoch'] == 1
+    assert res['data_checksum'] == '54734fb949dd6019'
+
+
+def write_pickle(root, name, obj):
+    os.makedirs(root / name, exist_ok=True)
+    with open(root / name / 'dataset.pkl', 'wb') as f:
+        pickle.dump(obj, f)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ('echo pwned',))
+
+
+@pytest.mark.parametrize('case, args, message', [
+    ('missing', ['--dataset', 'mine'], 'mine'),
+    ('corrupt', ['--dataset', 'corrupt'], 'corrupt'),
+    ('evil', ['--dataset', 'evil'], 'module'),
+    ('structure', ['--dataset', 'broken'], 'val'),
+    ('flags', ['--dataset', 'synthetic', '--hidden_size', '30'], 'divisible'),
+    ('flags', ['--dataset', 'synthetic', '--dropout', '1.5'], 'dropout'),
+    ('flags', ['--dataset', 'synthetic', '--lr', '-1'], 'lr'),
+    ('flags', ['--dataset', 'synthetic', '--noise_schedule', 'linear', '--diffusion_steps', '10'], 'diffusion_steps'),
+    ('flags', ['--dataset', 'synthetic', '--metric_ks', '5', '500'], 'metric_ks'),
+    ('flags', ['--dataset', 'synthetic', '--select_metric', 'HR@7'], 'select_metric'),
+    ('flags', ['--dataset', 'synthetic', '--num_gpu', '2'], 'torchrun'),
+    ('flags', ['--dataset', 'synthetic', '--diversity_measure'], 'category'),
+    ('flags', ['--dataset', 'synthetic', '--out_dir', '/proc/diffurec_run'], 'out_dir'),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, capsys, case, args, message):
+    data = make_synthetic(n_users=20, n_items=30)
+    (tmp_path / 'corrupt').mkdir()
+    (tmp_path / 'corrupt' / 'dataset.pkl').write_bytes(b'\x80\x04not a pickle at all')
+    write_pickle(tmp_path, 'evil', {'train': Evil()})
+    broken = dict(data, val={u: [1, 2] for u in data['val']})
+    write_pickle(tmp_path, 'broken', broken)
+    argv = args + ['--data_dir', str(tmp_path), '--log_file', '']
+    if '--out_dir' not in args:
+        argv += ['--out_dir', str(tmp_path / 'run')]
+    rc, err = run_main(argv, capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], err
+    assert 'Traceback' not in err
+
+
+def test_cli_error_has_no_traceback_and_help_lists_every_reference_flag(tmp_path):
+    proc = subprocess.run([sys.executable, 'main.py', '--dataset', 'nothing_here', '--data_dir', str(tmp_path),
+                           '--log_file', ''], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr and proc.stderr.startswith('error: ')
+    help_text = subprocess.run([sys.executable, 'main.py', '--help'], cwd=REPO, capture_output=True, text=True,
+                               timeout=120).stdout
+    for flag in ('dataset', 'log_file', 'random_seed', 'max_len', 'device', 'num_gpu', 'batch_size', 'hidden_size',
+                 'dropout', 'emb_dropout', 'hidden_act', 'num_blocks', 'epochs', 'decay_step', 'gamma', 'metric_ks',
+                 'optimizer', 'lr', 'loss_lambda', 'weight_decay', 'momentum', 'schedule_sampler_name',
+                 'diffusion_steps', 'lambda_uncertainty', 'noise_schedule', 'rescale_timesteps', 'eval_interval',
+                 'patience', 'description', 'long_head', 'diversity_measure', 'epoch_time_avg'):
+        assert f'--{flag}' in help_text, flag
+
+
+def test_reference_defaults_are_kept():
+    cfg = main.parse_config(['--dataset', 'amazon_beauty'])
+    assert (cfg.batch_size, cfg.hidden_size, cfg.num_blocks, cfg.epochs, cfg.lr, cfg.dropout, cfg.emb_dropout) == \
+        (512, 128, 4, 500, 0.001, 0.1, 0.3)
+    assert (cfg.diffusion_steps, cfg.noise_schedule, cfg.schedule_sampler_name, cfg.lambda_uncertainty) == \
+        (32, 'trunc_lin', 'lossaware', 0.001)
+    assert (cfg.eval_interval, cfg.patience, cfg.decay_step, cfg.gamma, cfg.random_seed, cfg.max_len) == \
+        (20, 5, 100, 0.1, 1997, 50)
+    assert cfg.rescale_timesteps is True and cfg.long_head is False and cfg.device == 'auto'
+    assert main.parse_config(['--no-rescale_timesteps']).rescale_timesteps is False
+    with pytest.raises(SystemExit):  # booleans are real booleans: no "--long_head False"
+        main.parse_config(['--long_head', 'False'])

@@ -1,0 +1,143 @@
+"""The fast model against the plain spec implementation (tests/spec_reference.py), and the reference quirks."""
+import pytest
+import torch
+
+from diffurec import Dropout, keep_mask
+from model import DiffuRec
+from spec_reference import PlainApproximator, plain_embed, plain_reverse
+from trainer import label_ranks, rank_metrics
+
+
+def small_model(mask='query', n_items=30, d=16, blocks=2, **kw):
+    torch.manual_seed(0)
+    return DiffuRec(n_items, hidden_size=d, num_blocks=blocks, heads=4, diffusion_steps=8,
+                    attention_mask=mask, **kw)
+
+
+def batch(n_items=30, B=6, L=7):
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(1, n_items + 1, (B, L), generator=g)
+    for i in range(B):
+        seq[i, :i] = 0  # left padding of every length 0..B-1
+    return seq, torch.randint(1, n_items + 1, (B,), generator=g)
+
+
+def test_parameter_count_at_defaults_on_amazon_beauty():
+    model = DiffuRec(12101)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2_474_368
+    assert model.item_table.weight.numel() == 1_549_056
+
+
+@pytest.mark.parametrize('mask', ['query', 'key', 'causal'])
+@pytest.mark.parametrize('training', [False, True])
+def test_fast_approximator_equals_plain_spec(mask, training):
+    """Dropout rates set to 0 so that training mode is deterministic too (atol 1e-5, fp32)."""
+    model = small_model(mask, dropout=0.0, emb_dropout=0.0).train(training)
+    plain = PlainApproximator(model.approximator, mask).train(training)
+    seq, _ = batch()
+    h, m = model.embed(seq)
+    h_plain, _ = plain_embed(model, seq)
+    torch.testing.assert_close(h, h_plain, atol=1e-5, rtol=0)
+    x_t, t = torch.randn(len(seq), 16), torch.randint(0, 8, (len(seq),))
+    lam = torch.randn(len(seq), 7, 16) * 0.5
+    ts = model.diffusion.scale_timesteps(t)
+    fast = model.approximator(h, x_t, ts, m, lam=lam)
+    torch.testing.assert_close(fast, plain(h, x_t, ts, m, lam), atol=1e-5, rtol=0)
+    if training:  # gradients agree as well
+        fast.sum().backward()
+        g_fast = [p.grad.clone() for p in model.approximator.parameters()]
+        model.zero_grad()
+        plain(h.detach(), x_t, ts, m, lam).sum().backward()
+        for a, b in zip(g_fast, [p.grad for p in model.approximator.parameters()]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_reverse_process_equals_plain_spec():
+    model = small_model(dropout=0.0, emb_dropout=0.0).eval()
+    plain = PlainApproximator(model.approximator).eval()
+    seq, _ = batch()
+    x_T = torch.randn(len(seq), 16)
+    noise = [torch.randn(len(seq), 16) for _ in range(8)]
+    lam = torch.randn(len(seq), 7, 16) * 0.01
+    h, m = model.embed(seq)
+    fast = model.diffusion.p_sample_loop(model.approximator, h, m, x_T=x_T, step_noise=noise, lam=lam)
+    torch.testing.assert_close(fast, plain_reverse(model, plain, seq, x_T, noise, lam), atol=1e-5, rtol=0)
+
+
+def test_query_mask_quirk():
+    """A padded query row attends uniformly to all L positions; real rows attend to padding too."""
+    model = small_model('query').eval()
+    block = model.approximator.blocks[0]
+    seq, _ = batch()
+    h, m = model.embed(seq)
+    out = block.attn(h, m.unsqueeze(-1).float())
+    v = block.attn.v(h)
+    uniform = block.attn.out(v.mean(1, keepdim=True)).expand_as(out)  # mean of v over all L positions
+    torch.testing.assert_close(out[~m], uniform[~m], atol=1e-5, rtol=0)
+    # Real rows see padded positions: changing a padded embedding changes the last (real) output.
+    h2 = h.clone()
+    h2[3, 0] += 1.0  # row 3 has 3 padded positions
+    out2 = block.attn(h2, m.unsqueeze(-1).float())
+    assert (out2[3, -1] - out[3, -1]).abs().max() > 1e-4
+
+
+def test_key_mask_hides_padding_from_real_positions():
+    model = small_model('key').eval()
+    seq, _ = batch()
+    h, m = model.embed(seq)
+    x_t, t = torch.randn(len(seq), 16), torch.full((len(seq),), 3)
+    lam = torch.full((len(seq), 7, 16), 0.01)
+    out = model.approximator(h, x_t, t.float(), m, lam=lam)
+    h2 = h.clone()
+    h2[~m] = torch.randn_like(h2[~m]) * 5
+    torch.testing.assert_close(model.approximator(h2, x_t, t.float(), m, lam=lam), out)
+
+
+def test_loss_and_ranking_include_the_padding_row():
+    model = small_model().eval()
+    x = torch.randn(4, 16)
+    logits = model.logits(x)
+    assert logits.shape == (4, 31) and torch.isfinite(logits[:, 0]).all()
+    corrected = small_model(rank_padding=False).eval()
+    assert torch.isinf(corrected.logits(x)[:, 0]).all()
+    seq, _ = batch()
+    assert torch.isinf(corrected.scores(seq)[:, 0]).all()
+    assert torch.isfinite(model.scores(seq)[:, 0]).all()
+
+
+def test_reverse_sampling_is_reproducible_under_a_seed():
+    model = small_model().eval()
+    seq, _ = batch()
+    torch.manual_seed(7)
+    a = model.scores(seq)
+    torch.manual_seed(7)
+    b = model.scores(seq)
+    torch.manual_seed(8)
+    c = model.scores(seq)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(a, c)
+
+
+def test_dropout_keep_rate_and_scale():
+    torch.manual_seed(0)
+    for p in (0.1, 0.3, 0.5):
+        keep = keep_mask((2_000_000,), p, 'cpu').float().mean().item()
+        assert abs(keep - (1 - p)) < 4 * ((p * (1 - p) / 2e6) ** 0.5) + 2e-5  # within 4 sigma
+    x = torch.ones(1_000_000)
+    y = Dropout(0.3).train()(x)
+    values = torch.unique(y).tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7)
+    assert abs(y.mean().item() - 1.0) < 0.01  # expectation preserved
+    assert torch.equal(Dropout(0.3).eval()(x), x)
+    # Neighbouring elements are independent (the four 16-bit slices of one word do not move together).
+    m = keep_mask((1_000_000,), 0.5, 'cpu').view(-1, 4).float()
+    corr = torch.corrcoef(m.t())
+    assert (corr - torch.eye(4)).abs().max() < 0.01
+
+
+def test_metric_golden_example():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.5, 0.2, 0.05], [0.7, 0.1, 0.2, 0.3, 0.6, 0.4],
+                           [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
+    per_row = rank_metrics(label_ranks(scores, torch.tensor([3, 2, 0])), [1, 2, 5]).mean(0)
+    expected = [0, 1 / 3, 2 / 3, 0, 0.2103099, 0.3392608]  # HR@1, HR@2, HR@5, NDCG@1, NDCG@2, NDCG@5
+    torch.testing.assert_close(per_row, torch.tensor(expected, dtype=torch.float64), atol=1e-7, rtol=0)

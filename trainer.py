@@ -1,0 +1,390 @@
+"""Training loop, evaluation (HR@K / NDCG@K), early stopping and checkpoints.
+
+One Trainer runs one experiment: train for up to `epochs`, validate after epoch e when e != 0 and
+e % eval_interval == 0, keep the model that improved a validation metric, stop after `patience`
+validations without improvement, then test the kept model (spec section 5).
+Everything needed to continue a run lives in one checkpoint dict, written atomically.
+"""
+import copy
+import csv
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import utils
+
+
+class RunStopped(Exception):
+    """The run stopped before its end (interrupt or a non-finite loss); the message says why and what next."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------
+
+def metric_names(ks):
+    """['HR@5', 'HR@10', 'HR@20', 'NDCG@5', ...]: the paper's column order."""
+    return [f'HR@{k}' for k in ks] + [f'NDCG@{k}' for k in ks]
+
+
+def label_ranks(scores, labels):
+    """1-based rank of each label among its row's scores: 1 + the number of strictly higher scores.
+
+    scores (B, N), labels (B,) -> (B,) long. Ties count in the label's favour.
+    """
+    target = scores.gather(1, labels[:, None])
+    return (scores > target).sum(1) + 1
+
+
+def rank_metrics(ranks, ks):
+    """Per-row hits and discounted gains: ranks (B,) -> (B, 2 len(ks)) in metric_names(ks) order.
+
+    HR@k = [rank <= k]; NDCG@k = [rank <= k] / log2(rank + 1) (one relevant item, so IDCG = 1).
+    """
+    ranks = ranks.double()[:, None]
+    ks_t = torch.tensor(ks, dtype=torch.float64, device=ranks.device)[None]
+    hit = (ranks <= ks_t).double()
+    return torch.cat([hit, hit / torch.log2(ranks + 1)], dim=1)
+
+
+def average_metrics(sums, counts, ks, metric_average='batch'):
+    """Per-batch sums (n_batches, M) and row counts (n_batches,) -> {metric: percent, 4 decimals}.
+
+    'batch' is the reference: the mean over batches of each batch's mean (the last, smaller batch
+    weighs as much as a full one). 'user' is the exact mean over users.
+    """
+    sums, counts = sums.double(), counts.double()
+    if metric_average == 'batch':
+        keep = counts > 0
+        values = (sums[keep] / counts[keep, None]).mean(0)
+    elif metric_average == 'user':
+        values = sums.sum(0) / counts.sum()
+    else:
+        raise ValueError(f'unknown metric_average {metric_average!r}; choose batch or user')
+    return {name: round(float(v) * 100, 4) for name, v in zip(metric_names(ks), values)}
+
+
+def autocast(device, precision):
+    if precision == 'bf16':
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batch', exclude_history=False,
+             precision='fp32', limit_batches=None, desc='eval', show_progress=True, rank=0, world=1, stop=None):
+    """HR@k and NDCG@k (percent) of `model` on inputs (N, L) -> labels (N,), in batches of batch_size.
+
+    Returns None if `stop()` turns true between batches.
+
+    With several processes each takes its slice of every batch; the per-batch sums are added across
+    processes, so the result equals a single-process evaluation.
+    """
+    model.eval()
+    n_batches = math.ceil(len(labels) / batch_size)
+    if limit_batches:
+        n_batches = min(n_batches, limit_batches)
+    sums = torch.zeros(n_batches, 2 * len(ks), dtype=torch.float64, device=device)
+    counts = torch.zeros(n_batches, dtype=torch.float64, device=device)
+    bar = tqdm(range(n_batches), desc=desc, leave=False, disable=not show_progress or rank != 0,
+               dynamic_ncols=True)
+    for b in bar:
+        if stop is not None and stop():
+            return None
+        rows = torch.arange(b * batch_size, min((b + 1) * batch_size, len(labels))).tensor_split(world)[rank]
+        if len(rows) == 0:
+            continue
+        seq, label = inputs[rows].to(device, non_blocking=True), labels[rows].to(device, non_blocking=True)
+        with autocast(device, precision):
+            scores = model.scores(seq, exclude_history=exclude_history)
+        sums[b] = rank_metrics(label_ranks(scores.float(), label), ks).sum(0)
+        counts[b] = len(rows)
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    return average_metrics(sums.cpu(), counts.cpu(), ks, metric_average)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename: the file is always whole."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint with weights_only=True; a missing or corrupt file raises ValueError (one line)."""
+    if not os.path.isfile(path):
+        raise ValueError(f'no checkpoint at {path}; pass the run directory of a run that validated or was interrupted')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # corrupt, truncated, or not a checkpoint
+        raise ValueError(f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); '
+                         f'it is corrupt or not a DiffuRec checkpoint') from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------
+
+def build_optimizer(cfg, params):
+    if cfg.optimizer.lower() == 'adam':
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer.lower() == 'sgd':
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum or 0.0)
+    raise ValueError(f'unknown optimizer {cfg.optimizer!r}; choose Adam or SGD')
+
+
+class Trainer:
+    """Runs training, validation, early stopping and testing for one model and one dataset.
+
+    model: a DiffuRec (or a DistributedDataParallel around one); samples: utils.build_samples output;
+    cfg: the main.py namespace; run_dir: where checkpoints and metrics go (written by rank 0 only).
+    """
+
+    def __init__(self, model, cfg, samples, run_dir, device, log, rank=0, world=1, data_checksum=''):
+        self.model = model
+        self.module = model.module if hasattr(model, 'module') else model
+        self.cfg, self.samples, self.run_dir, self.device = cfg, samples, run_dir, device
+        self.log, self.rank, self.world = log, rank, world
+        self.data_checksum = data_checksum
+        self.ks = sorted(cfg.metric_ks)
+        self.optimizer = build_optimizer(cfg, self.module.parameters())
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.decay_step, gamma=cfg.gamma)
+        n_train = len(samples['train'][1])
+        self.n_batches = math.ceil(n_train / cfg.batch_size)
+        if cfg.limit_train_batches:
+            self.n_batches = min(self.n_batches, cfg.limit_train_batches)
+        # Progress, all saved in the checkpoint: the next (epoch, batch) to run, the bests so far.
+        self.epoch, self.batch = 0, 0
+        self.epoch_elapsed, self.epoch_loss = 0.0, 0.0
+        self.best = {}          # metric -> best validation value so far
+        self.best_epoch = {}    # metric -> epoch it came from
+        self.kept_state = None  # the kept model (state dict on CPU) and the epoch it came from
+        self.kept_epoch = None
+        self.bad_count = 0
+        self.stopped_early = False
+        self.epoch_seconds = []
+        self.epoch_losses = []
+        self.history = []       # one dict per validation: epoch, loss, seconds, metrics
+        self._signal = None
+
+    # -- checkpoint state ----------------------------------------------------------------------------------
+    def state_dict(self):
+        return {
+            'model': self.module.state_dict(),
+            'kept_model': self.kept_state,
+            'kept_epoch': self.kept_epoch,
+            'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict(),
+            'sampler': self.module.sampler.state_dict(),
+            'rng': utils.rng_state(),
+            'epoch': self.epoch, 'batch': self.batch,
+            'epoch_elapsed': self.epoch_elapsed, 'epoch_loss': self.epoch_loss,
+            'best': self.best, 'best_epoch': self.best_epoch, 'bad_count': self.bad_count,
+            'stopped_early': self.stopped_early,
+            'epoch_seconds': self.epoch_seconds, 'epoch_losses': self.epoch_losses, 'history': self.history,
+            'config': utils.config_dict(self.cfg),
+            'data_checksum': self.data_checksum,
+            'n_items': self.module.n_items,
+        }
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        self.module.sampler.load_state_dict(state['sampler'])
+        for key in ('kept_epoch', 'epoch', 'batch', 'epoch_elapsed', 'epoch_loss', 'best', 'best_epoch',
+                    'bad_count', 'stopped_early', 'epoch_seconds', 'epoch_losses', 'history'):
+            setattr(self, key, state[key])
+        self.kept_state = state['kept_model']
+        utils.set_rng_state(state['rng'])
+
+    def save(self):
+        if self.rank == 0:
+            save_atomic(self.state_dict(), os.path.join(self.run_dir, 'checkpoint.pt'))
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def fit(self):
+        """Train until `epochs` or early stopping. Raises RunStopped on an interrupt or a non-finite loss."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.epoch < self.cfg.epochs and not self.stopped_early:
+                if self.batch < self.n_batches:
+                    self.train_epoch()
+                epoch = self.epoch
+                # Advance first, so that a checkpoint written by validate() resumes at the next epoch.
+                self.epoch, self.batch = epoch + 1, 0
+                self.epoch_elapsed, self.epoch_loss = 0.0, 0.0
+                if self.validation_due(epoch):
+                    self.validate(epoch)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def validation_due(self, epoch):
+        return epoch != 0 and epoch % self.cfg.eval_interval == 0
+
+    def _on_signal(self, signum, frame):
+        if self._signal is not None:  # a second Ctrl-C while saving: leave it to finish the write
+            return
+        self._signal = signum
+        self.log(f'{signal.Signals(signum).name} received: finishing this batch and writing the checkpoint')
+
+    def _stop_for_signal(self):
+        self.save()
+        name = signal.Signals(self._signal).name
+        raise RunStopped(f'{name}: stopped at epoch {self.epoch} batch {self.batch}; checkpoint written. '
+                         f'Resume with: python main.py --resume {self.run_dir}')
+
+    def batch_rows(self, perm, b):
+        """Rows of global batch b that this process trains on: its slice of the batch."""
+        return perm[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size].tensor_split(self.world)[self.rank]
+
+    def train_epoch(self):
+        """Train the rest of epoch self.epoch from batch self.batch; the order is one seeded permutation."""
+        cfg, model = self.cfg, self.model
+        inputs, labels = self.samples['train']
+        generator = torch.Generator().manual_seed(cfg.random_seed * 100003 + self.epoch)
+        perm = torch.randperm(len(labels), generator=generator)
+        model.train()
+        bad_step = torch.tensor(-1, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        start = time.time()
+        bar = tqdm(range(self.batch, self.n_batches), desc=f'epoch {self.epoch}', leave=False,
+                   disable=self.rank != 0, dynamic_ncols=True, initial=self.batch, total=self.n_batches)
+        for b in bar:
+            global_size = min(cfg.batch_size, len(labels) - b * cfg.batch_size)
+            rows = self.batch_rows(perm, b)
+            seq, label = inputs[rows].to(self.device, non_blocking=True), labels[rows].to(self.device, non_blocking=True)
+            with autocast(self.device, cfg.precision):
+                _, losses, t = model(seq, label)
+            # Sum over this slice / global batch, times world: DDP's gradient mean then equals the global mean.
+            loss = losses.sum() * (self.world / global_size)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if cfg.update_lossaware:
+                self._feed_sampler(t, losses)
+            loss_sum += losses.detach().sum().double() * (self.world / global_size)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), b, bad_step)
+            self.batch = b + 1
+            if b % 25 == 0 or self.batch == self.n_batches or self._signal is not None:
+                if int(bad_step) >= 0:
+                    raise RunStopped(f'non-finite loss at epoch {self.epoch} step {int(bad_step)}; stopped. '
+                                     f'The last good checkpoint (if any) is in {self.run_dir}; try a lower --lr')
+                bar.set_postfix(loss=f'{loss.item() / self.world:.4f}')
+            if self._signal is not None:
+                self._finish_partial_epoch(loss_sum, start)
+                self._stop_for_signal()
+        self._finish_partial_epoch(loss_sum, start)
+        self.scheduler.step()
+        self.epoch_seconds.append(round(self.epoch_elapsed, 3))
+        mean_loss = self.epoch_loss / self.n_batches
+        self.epoch_losses.append(mean_loss)
+        self.log(f'epoch {self.epoch:4d}  loss {mean_loss:.4f}  {self.epoch_elapsed:.1f}s')
+
+    def _finish_partial_epoch(self, loss_sum, start):
+        if self.world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.world
+        self.epoch_loss += float(loss_sum)
+        loss_sum.zero_()
+        self.epoch_elapsed += time.time() - start
+
+    def _feed_sampler(self, t, losses):
+        """--update_lossaware: give the loss-aware sampler every sample's loss (from every process)."""
+        t, losses = t.detach(), losses.detach().float()
+        if self.world > 1:
+            t_all, l_all = utils.all_gather_varlen(t), utils.all_gather_varlen(losses)
+            t, losses = t_all, l_all
+        if hasattr(self.module.sampler, 'update_with_all_losses'):
+            self.module.sampler.update_with_all_losses(t.cpu().numpy(), losses.cpu().numpy())
+
+    def evaluate(self, split, model=None, stop=None):
+        """Metrics of `model` (default: the current one) on a split of self.samples."""
+        inputs, labels = self.samples[split]
+        return evaluate(model or self.module, inputs, labels, self.ks, self.cfg.batch_size, self.device,
+                        metric_average=self.cfg.metric_average, exclude_history=self.cfg.exclude_history,
+                        precision=self.cfg.precision, limit_batches=self.cfg.limit_eval_batches,
+                        desc=split, rank=self.rank, world=self.world, stop=stop)
+
+    def validate(self, epoch):
+        """Validate the model trained through `epoch`: update the bests and the kept model, count bad
+        validations, write the checkpoint and metrics.csv."""
+        rng_before = utils.rng_state()
+        start = time.time()
+        metrics = self.evaluate('val', stop=lambda: self._signal is not None)
+        seconds = time.time() - start
+        if metrics is None:  # interrupted: the checkpoint resumes with this validation, from the same state
+            utils.set_rng_state(rng_before)
+            self.epoch, self.batch = epoch, self.n_batches
+            self._stop_for_signal()
+        improved = [m for m, v in metrics.items() if v > self.best.get(m, -math.inf)]
+        for m in improved:
+            self.best[m], self.best_epoch[m] = metrics[m], epoch
+        selected = improved if not self.cfg.select_metric else [m for m in improved if m == self.cfg.select_metric]
+        if selected:
+            self.kept_state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+            self.kept_epoch = epoch
+            self.bad_count = 0
+        else:
+            self.bad_count += 1
+            self.stopped_early = self.bad_count >= self.cfg.patience
+        row = {'epoch': epoch, 'loss': round(self.epoch_losses[-1], 6) if self.epoch_losses else None,
+               'seconds': round(seconds, 2), **metrics, 'kept': bool(selected)}
+        self.history.append(row)
+        self.log(f'valid epoch {epoch}: ' + format_metrics(metrics) + f'  ({seconds:.1f}s)'
+                 + ('  kept' if selected else f'  bad {self.bad_count}/{self.cfg.patience}'))
+        self.save()
+        self._write_metrics_csv()
+
+    def _write_metrics_csv(self):
+        if self.rank != 0:
+            return
+        path = os.path.join(self.run_dir, 'metrics.csv')
+        fields = ['epoch', 'loss', 'seconds'] + metric_names(self.ks) + ['kept']
+        with open(path + '.tmp', 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.history)
+        os.replace(path + '.tmp', path)
+
+    def final_model(self):
+        """The model to test: the kept copy, or the final model when no validation kept one."""
+        if self.kept_state is None:
+            return self.module
+        model = copy.deepcopy(self.module)
+        model.load_state_dict(self.kept_state)
+        return model
+
+
+def format_metrics(metrics):
+    return '  '.join(f'{k} {v:.4f}' for k, v in metrics.items())
+
+
+def metrics_table(rows):
+    """rows: {label: {metric: value}} -> a text table in the paper's layout (one row per label)."""
+    names = list(next(iter(rows.values())).keys())
+    width = max(len(label) for label in rows) + 2
+    lines = [''.ljust(width) + ''.join(n.rjust(10) for n in names)]
+    for label, metrics in rows.items():
+        lines.append(label.ljust(width) + ''.join(f'{metrics[n]:10.4f}' for n in names))
+    return '\n'.join(lines)
