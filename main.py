@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import sys
-import time
 import warnings
 
 import torch
@@ -200,6 +199,7 @@ def run(cfg):
         raise ValueError(f'--metric_ks {max(cfg.metric_ks)} exceeds the {n_items} items of {cfg.dataset}')
     samples = utils.build_samples(data, cfg.max_len)
     data_checksum = utils.samples_checksum(*samples['train'])
+    samples = {split: (x.to(device), y.to(device)) for split, (x, y) in samples.items()}  # once, not per batch
 
     run_dir = make_run_dir(cfg)
     log_paths = [os.path.join(run_dir, 'log.txt')]
@@ -210,6 +210,8 @@ def run(cfg):
     write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))
 
     model = DiffuRec.from_config(cfg, n_items).to(device)
+    if cfg.compile:
+        model.approximator.compile()  # in place: the state dict keeps its names
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     smoke = bool(cfg.limit_train_batches or cfg.limit_eval_batches)
     log(f'DiffuRec on {cfg.dataset}: {len(data["train"])} users, {n_items} items, '

@@ -19,15 +19,14 @@ class ScheduleSampler:
         raise NotImplementedError
 
     def sample(self, batch_size, device, generator=None):
-        """Draw t (B,) long and the importance weights (B,) float32 on `device`."""
-        p = self.weights()
-        p = p / p.sum()
-        p_t = torch.tensor(p, dtype=torch.float32, device=device)
-        if np.all(p == p[0]):  # uniform: no host synchronisation, no multinomial
+        """Draw t (B,) long and the importance weights 1 / (T p_t) (B,) float32 on `device`."""
+        w = self.weights()
+        if np.all(w == w[0]):  # uniform: no host-to-device copy, no multinomial
             t = torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
-        else:
-            t = torch.multinomial(p_t, batch_size, replacement=True, generator=generator)
-        return t, 1.0 / (self.num_timesteps * p_t[t])
+            return t, torch.ones(batch_size, device=device)
+        p = torch.tensor(w / w.sum(), dtype=torch.float32, device=device)
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        return t, 1.0 / (self.num_timesteps * p[t])
 
     def state_dict(self):
         return {}

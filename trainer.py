@@ -97,7 +97,8 @@ def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batc
     for b in bar:
         if stop is not None and stop():
             return None
-        rows = torch.arange(b * batch_size, min((b + 1) * batch_size, len(labels))).tensor_split(world)[rank]
+        rows = torch.arange(b * batch_size, min((b + 1) * batch_size, len(labels)),
+                            device=labels.device).tensor_split(world)[rank]
         if len(rows) == 0:
             continue
         seq, label = inputs[rows].to(device, non_blocking=True), labels[rows].to(device, non_blocking=True)
@@ -263,7 +264,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         inputs, labels = self.samples['train']
         generator = torch.Generator().manual_seed(cfg.random_seed * 100003 + self.epoch)
-        perm = torch.randperm(len(labels), generator=generator)
+        perm = torch.randperm(len(labels), generator=generator).to(self.device)
         model.train()
         bad_step = torch.tensor(-1, device=self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)

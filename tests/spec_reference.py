@@ -98,3 +98,41 @@ def plain_reverse(model, plain, seq, x_T, step_noise, lam):
             mean = mean + math.exp(0.5 * c['model_log_variance'][step]) * step_noise[i]
         x = mean
     return x
+
+
+class PlainDiffuRec(nn.Module):
+    """The whole model computed the plain way around a fast DiffuRec's weights: F.dropout (Bernoulli masks),
+    hand-written LayerNorm and GELU, lambda from torch.normal, every position through every block.
+    Used by `bench.py --compare` as the stand-in for the reference's speed."""
+
+    def __init__(self, fast, dropout, emb_dropout):
+        super().__init__()
+        self.fast = fast
+        self.plain = PlainApproximator(fast.approximator, fast.approximator.attention, dropout)
+        self.emb_dropout = emb_dropout
+        self.delta = fast.approximator.lambda_uncertainty
+
+    def uncertainty(self, h):
+        return torch.normal(mean=torch.full(h.shape, self.delta), std=torch.full(h.shape, self.delta)).to(h.device)
+
+    def forward(self, seq, labels):
+        model = self.fast
+        h, mask = plain_embed(model, seq, self.emb_dropout, self.training)
+        x_start = model.item_table.weight[labels]
+        t = torch.randint(0, model.diffusion.num_timesteps, (len(seq),), device=seq.device)
+        x_t = model.diffusion.q_sample(x_start, t, torch.randn_like(x_start))
+        x0_hat = self.plain(h, x_t, model.diffusion.scale_timesteps(t), mask, self.uncertainty(h))
+        return F.cross_entropy(x0_hat @ model.item_table.weight.t(), labels)
+
+    @torch.no_grad()
+    def scores(self, seq):
+        model = self.fast
+        h, mask = plain_embed(model, seq)
+        d = model.diffusion
+        x = torch.randn(len(seq), h.shape[-1], device=seq.device)
+        for step in reversed(range(d.num_timesteps)):
+            t = torch.full((len(seq),), step, device=seq.device)
+            x0_hat = self.plain(h, x, d.scale_timesteps(t), mask, self.uncertainty(h))
+            mean = d.posterior_mean_coef1[step] * x0_hat + d.posterior_mean_coef2[step] * x
+            x = mean + (step > 0) * torch.exp(0.5 * d.model_log_variance[step]) * torch.randn_like(x)
+        return x @ model.item_table.weight.t()
