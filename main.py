@@ -176,6 +176,24 @@ def make_run_dir(cfg):
     return path
 
 
+def check_world(cfg, world):
+    """Flags that must suit the `world` processes torchrun started; raises ValueError naming the fix."""
+    if cfg.batch_size % world:
+        raise ValueError(f'--batch_size {cfg.batch_size} is the global batch and must divide evenly among the '
+                         f'{world} processes; use a multiple of {world}')
+    if cfg.device.startswith('cuda:'):
+        raise ValueError(f'--device {cfg.device}: under torchrun each process uses the GPU of its LOCAL_RANK; '
+                         f'pass --device cuda or auto (choose GPUs with CUDA_VISIBLE_DEVICES)')
+
+
+def distribute(model, device, world):
+    """The model as trained by `world` processes: itself for one, wrapped in DistributedDataParallel for more."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+
 def write_json(obj, path):
     with open(path + '.tmp', 'w') as f:
         json.dump(obj, f, indent=2)
@@ -187,10 +205,15 @@ def run(cfg):
     check_config(cfg)
     if cfg.loss_lambda != 0.001:
         warnings.warn('--loss_lambda has no effect: the reference objective never uses it', stacklevel=1)
-    if cfg.num_gpu > 1:
+    rank, world, local_rank = utils.torchrun_env()
+    if cfg.num_gpu > 1 and world == 1:  # under torchrun --num_gpu is ignored: torchrun sets the processes
         raise ValueError(f'--num_gpu {cfg.num_gpu}: several GPUs run through torchrun, e.g. '
                          f'torchrun --nproc_per_node {cfg.num_gpu} main.py ... (see README, "Several GPUs")')
-    device = utils.choose_device(cfg.device)
+    if world > 1:
+        check_world(cfg, world)
+    device = utils.choose_device(cfg.device, local_rank)
+    if world > 1:
+        utils.init_distributed(device, rank, world)
     utils.set_seed(cfg.random_seed)
 
     data = utils.load_dataset(cfg.dataset, cfg.data_dir)
@@ -201,25 +224,33 @@ def run(cfg):
     data_checksum = utils.samples_checksum(*samples['train'])
     samples = {split: (x.to(device), y.to(device)) for split, (x, y) in samples.items()}  # once, not per batch
 
-    run_dir = make_run_dir(cfg)
+    run_dir = utils.from_rank0(lambda: make_run_dir(cfg), rank, world)  # one directory, chosen by rank 0
     log_paths = [os.path.join(run_dir, 'log.txt')]
     if cfg.log_file:
-        os.makedirs(cfg.log_file, exist_ok=True)
+        if rank == 0:
+            os.makedirs(cfg.log_file, exist_ok=True)
         log_paths.append(os.path.join(cfg.log_file, f'{cfg.dataset}_{os.path.basename(run_dir)}.log'))
-    log = utils.RunLog(log_paths)
-    write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))
+    log = utils.RunLog(log_paths, enabled=rank == 0)  # only rank 0 prints and writes files
+    if rank == 0:
+        write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))
 
     model = DiffuRec.from_config(cfg, n_items).to(device)
     if cfg.compile:
         model.approximator.compile()  # in place: the state dict keeps its names
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if world > 1:
+        # The model is initialised alike on every process (same seed). From here on each process draws its
+        # own timesteps, noise and dropout: its seed is drawn alike everywhere and picked by rank.
+        utils.set_seed(int(torch.randint(2 ** 31 - 1, (world,))[rank]))
     smoke = bool(cfg.limit_train_batches or cfg.limit_eval_batches)
     log(f'DiffuRec on {cfg.dataset}: {len(data["train"])} users, {n_items} items, '
-        f'{len(samples["train"][1])} training samples; {n_params:,} parameters; device {device}; run dir {run_dir}')
+        f'{len(samples["train"][1])} training samples; {n_params:,} parameters; device {device}; run dir {run_dir}'
+        + (f'; {world} processes, {cfg.batch_size // world} rows each per batch' if world > 1 else ''))
     if smoke:
         log('smoke run: --limit_train_batches/--limit_eval_batches set, results are marked smoke')
 
-    trainer = Trainer(model, cfg, samples, run_dir, device, log, data_checksum=data_checksum)
+    trainer = Trainer(distribute(model, device, world), cfg, samples, run_dir, device, log, rank=rank, world=world,
+                      data_checksum=data_checksum)
     trainer.fit()
 
     if trainer.kept_state is None:
@@ -238,7 +269,7 @@ def run(cfg):
         'epoch_seconds': trainer.epoch_seconds, 'epoch_losses': trainer.epoch_losses,
         'validations': trainer.history, 'n_params': n_params, 'device': str(device),
         'torch_version': torch.__version__, 'smoke': smoke, 'data_checksum': data_checksum,
-        'host': platform.node(), 'threads': torch.get_num_threads(),
+        'host': platform.node(), 'threads': torch.get_num_threads(), 'world_size': world,
     }
     if cfg.epoch_time_avg:
         results['epoch_time_avg'] = round(sum(trainer.epoch_seconds) / max(len(trainer.epoch_seconds), 1), 3)
@@ -249,12 +280,14 @@ def run(cfg):
             if len(labels):
                 groups[name] = evaluate(final, inputs, labels, cfg.metric_ks, cfg.batch_size, device,
                                         metric_average=cfg.metric_average, exclude_history=cfg.exclude_history,
-                                        precision=cfg.precision, limit_batches=cfg.limit_eval_batches, desc=name)
+                                        precision=cfg.precision, limit_batches=cfg.limit_eval_batches, desc=name,
+                                        rank=rank, world=world)
                 groups[name]['users'] = len(labels)
         results['long_head'] = groups
         log('group analysis\n' + metrics_table({k: {m: v[m] for m in metric_names(cfg.metric_ks)}
                                                 for k, v in groups.items()}))
-    write_json(results, os.path.join(run_dir, 'results.json'))
+    if rank == 0:
+        write_json(results, os.path.join(run_dir, 'results.json'))
     log(f'results written to {os.path.join(run_dir, "results.json")}')
     return results
 
@@ -269,6 +302,8 @@ def main(argv=None):
     except RunStopped as e:
         print(str(e), file=sys.stderr)
         return 1
+    finally:
+        utils.end_distributed()
     return 0
 
 

@@ -259,6 +259,34 @@ class Trainer:
         """Rows of global batch b that this process trains on: its slice of the batch."""
         return perm[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size].tensor_split(self.world)[self.rank]
 
+    def train_rows(self, perm, b):
+        """(rows, weight): this process's slice of global batch b and the weight of its loss.
+
+        A last batch with fewer rows than processes leaves some slices empty; such a process trains on the
+        batch's first row with weight 0, because DistributedDataParallel needs every process to run
+        forward and backward at every step. Its gradient is then zero and the global mean is unchanged.
+        """
+        rows = self.batch_rows(perm, b)
+        if len(rows) == 0:
+            return perm[b * self.cfg.batch_size:b * self.cfg.batch_size + 1], 0.0
+        return rows, 1.0
+
+    def _agree(self, bad_step):
+        """Across processes, at the same batch: (first non-finite step or -1, whether a signal stops the run).
+
+        A collective: each process must call it at the same batch. Every process then stops together,
+        even when the signal or the non-finite loss reached only some of them.
+        """
+        never = torch.tensor(self.n_batches, device=self.device)
+        # One MAX all-reduce: minus the earliest bad step (never -> n_batches) and the signal number (0 = none).
+        flags = torch.stack([-torch.where(bad_step < 0, never, bad_step),
+                             torch.tensor(self._signal or 0, device=self.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        first_bad, signum = -int(flags[0]), int(flags[1])
+        if signum:
+            self._signal = signum
+        return torch.tensor(-1 if first_bad == self.n_batches else first_bad, device=self.device), bool(signum)
+
     def train_epoch(self):
         """Train the rest of epoch self.epoch from batch self.batch; the order is one seeded permutation."""
         cfg, model = self.cfg, self.model
@@ -273,26 +301,31 @@ class Trainer:
                    disable=self.rank != 0, dynamic_ncols=True, initial=self.batch, total=self.n_batches)
         for b in bar:
             global_size = min(cfg.batch_size, len(labels) - b * cfg.batch_size)
-            rows = self.batch_rows(perm, b)
+            rows, weight = self.train_rows(perm, b)
             seq, label = inputs[rows].to(self.device, non_blocking=True), labels[rows].to(self.device, non_blocking=True)
             with autocast(self.device, cfg.precision):
                 _, losses, t = model(seq, label)
             # Sum over this slice / global batch, times world: DDP's gradient mean then equals the global mean.
-            loss = losses.sum() * (self.world / global_size)
+            loss = losses.sum() * (weight * self.world / global_size)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             if cfg.update_lossaware:
-                self._feed_sampler(t, losses)
-            loss_sum += losses.detach().sum().double() * (self.world / global_size)
+                fed = len(rows) if weight else 0  # a zero-weight stand-in row feeds the sampler nothing
+                self._feed_sampler(t[:fed], losses[:fed])
+            loss_sum += losses.detach().sum().double() * (weight * self.world / global_size)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), b, bad_step)
             self.batch = b + 1
-            if b % 25 == 0 or self.batch == self.n_batches or self._signal is not None:
+            check = b % 25 == 0 or self.batch == self.n_batches
+            stopping = self._signal is not None
+            if self.world > 1:  # decide together, only at check points: a lone process would wait forever
+                bad_step, stopping = self._agree(bad_step) if check else (bad_step, False)
+            if check or stopping:
                 if int(bad_step) >= 0:
                     raise RunStopped(f'non-finite loss at epoch {self.epoch} step {int(bad_step)}; stopped. '
                                      f'The last good checkpoint (if any) is in {self.run_dir}; try a lower --lr')
-                bar.set_postfix(loss=f'{loss.item() / self.world:.4f}')
-            if self._signal is not None:
+                bar.set_postfix(loss=f'{losses.detach().float().mean().item():.4f}')
+            if stopping:
                 self._finish_partial_epoch(loss_sum, start)
                 self._stop_for_signal()
         self._finish_partial_epoch(loss_sum, start)
@@ -332,7 +365,10 @@ class Trainer:
         validations, write the checkpoint and metrics.csv."""
         rng_before = utils.rng_state()
         start = time.time()
-        metrics = self.evaluate('val', stop=lambda: self._signal is not None)
+        # With several processes a signal is acted on at the next training check point instead: stopping
+        # here would have to be agreed at every batch.
+        stop = (lambda: self._signal is not None) if self.world == 1 else None
+        metrics = self.evaluate('val', stop=stop)
         seconds = time.time() - start
         if metrics is None:  # interrupted: the checkpoint resumes with this validation, from the same state
             utils.set_rng_state(rng_before)

@@ -548,6 +548,52 @@ def all_gather_varlen(x):
     return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def torchrun_env():
+    """(rank, world_size, local_rank) of this process from torchrun's environment; (0, 1, 0) without it."""
+    if 'WORLD_SIZE' not in os.environ:
+        return 0, 1, 0
+    try:
+        return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
+    except (KeyError, ValueError):
+        raise ValueError('WORLD_SIZE is set but RANK is missing or not a number: start several processes with '
+                         'torchrun (see README, "Several GPUs"), or unset WORLD_SIZE') from None
+
+
+def init_distributed(device, rank, world):
+    """Join the process group that torchrun announced: NCCL between GPUs, gloo between CPU processes."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', rank=rank, world_size=world)
+
+
+def end_distributed():
+    """Leave the process group, if this process is in one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def from_rank0(make, rank, world):
+    """make() run on rank 0 only, its value sent to every process (a collective with several processes).
+
+    A ValueError raised by make() is raised on every process, so that none waits for the others forever.
+    """
+    if world == 1:
+        return make()
+    import torch.distributed as dist
+    box = [None]
+    if rank == 0:
+        try:
+            box[0] = ('value', make())
+        except ValueError as e:
+            box[0] = ('error', str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == 'error':
+        raise ValueError(value)
+    return value
+
+
 class RunLog:
     """Prints a line (without breaking progress bars) and appends it to the run's log files."""
 
