@@ -21,6 +21,7 @@ from model import DiffuRec
 from trainer import RunStopped, Trainer, evaluate, format_metrics, load_checkpoint, metric_names, metrics_table
 
 METRIC_CHOICES = ('batch', 'user')
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'datasets', 'data')
 
 
 def positive_int(text):
@@ -38,7 +39,7 @@ def build_parser():
     data = p.add_argument_group('data')
     data.add_argument('--dataset', default='amazon_beauty',
                       help='amazon_beauty, toys, ml-1m, steam, synthetic, or a folder name under --data_dir')
-    data.add_argument('--data_dir', default='datasets/data', help='folder holding <dataset>/dataset.pkl')
+    data.add_argument('--data_dir', default=DEFAULT_DATA_DIR, help='folder holding <dataset>/dataset.pkl')
     data.add_argument('--max_len', type=positive_int, default=50, help='history length L (older items are cut)')
 
     model = p.add_argument_group('model')
