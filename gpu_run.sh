@@ -3,7 +3,7 @@
 # amazon_beauty run to early stopping. Everything lands in one folder.
 #
 #   bash gpu_run.sh [OUT_DIR] [extra main.py flags for the full run, e.g. --precision bf16]
-set -euo pipefail
+set -uo pipefail  # a failed benchmark must not cancel the full run
 out=${1:-runs/gpu-$(date +%Y%m%d-%H%M%S)}
 shift || true
 mkdir -p "$out"

@@ -49,8 +49,8 @@ class PlainApproximator(nn.Module):
         else:
             allowed = mask[:, None, None, :].repeat(1, H, L, 1)
             if self.mask_mode == 'causal':
-                allowed = allowed & torch.tril(torch.ones(L, L, dtype=torch.bool))
-            allowed = allowed | torch.eye(L, dtype=torch.bool)
+                allowed = allowed & torch.tril(torch.ones(L, L, dtype=torch.bool, device=x.device))
+            allowed = allowed | torch.eye(L, dtype=torch.bool, device=x.device)
             scores = scores.masked_fill(~allowed, -1e9)
         probs = self.drop(F.softmax(scores, dim=-1))
         y = (probs @ v).transpose(1, 2).contiguous().view(B, L, d)
@@ -68,7 +68,7 @@ class PlainApproximator(nn.Module):
     def time_embedding(self, t_scaled):
         d = self.fast.hidden_size
         half = d // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t_scaled.device) / half)
         args = t_scaled[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         mlp = self.fast.time_mlp
