@@ -144,11 +144,14 @@ def check_config(cfg):
 
 
 def parse_config(argv=None):
+    """Flags -> config namespace. With --resume, the run's saved config, after checking the given flags."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.dataset == 'synthetic':
         parser.set_defaults(**SYNTHETIC_PRESET)
     cfg = parser.parse_args(argv)
+    if cfg.resume:
+        return resumed_config(cfg, given_flags(parser, argv))
     if cfg.strict:
         for key, value in STRICT.items():
             setattr(cfg, key, value)
@@ -157,9 +160,38 @@ def parse_config(argv=None):
     return cfg
 
 
+def given_flags(parser, argv):
+    """Names of the flags given on the command line (argparse fills in only what is absent)."""
+    unset = object()
+    probe = argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))})
+    return {name for name, value in vars(parser.parse_args(argv, namespace=probe)).items() if value is not unset}
+
+
+# Flags that may change when a run is resumed: where and how it runs, not what it computes.
+RESUME_MAY_CHANGE = {'resume', 'device', 'num_gpu', 'data_dir', 'log_file', 'description', 'compile', 'out_dir'}
+
+
+def resumed_config(cfg, given):
+    """The config saved in cfg.resume's checkpoint; a given flag that would change it is refused by name."""
+    state = load_checkpoint(os.path.join(cfg.resume, 'checkpoint.pt'))
+    saved = argparse.Namespace(**state['config'])
+    differ = sorted(name for name in given - RESUME_MAY_CHANGE if getattr(cfg, name) != getattr(saved, name, None))
+    if differ:
+        raise ValueError(f'--resume {cfg.resume}: the run was made with ' + ', '.join(
+            f'{name}={getattr(saved, name, None)!r} (given {getattr(cfg, name)!r})' for name in differ)
+            + '; resume with its own flags or start a new run')
+    for name in given & RESUME_MAY_CHANGE:
+        setattr(saved, name, getattr(cfg, name))
+    saved.resume, saved.out_dir = cfg.resume, cfg.resume
+    return saved
+
+
 def make_run_dir(cfg):
     if cfg.out_dir:
         path = cfg.out_dir
+        if not cfg.resume and os.path.exists(os.path.join(path, 'checkpoint.pt')):
+            raise ValueError(f'--out_dir {path} holds a run already; continue it with --resume {path} '
+                             f'or choose another --out_dir')
     else:
         stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
         path = os.path.join('runs', cfg.dataset, stamp)
@@ -193,6 +225,18 @@ def distribute(model, device, world):
         return model
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+
+def resume(trainer, cfg, data_checksum, rank, world):
+    """Load the run's checkpoint into `trainer`, refusing one made on other data."""
+    state = load_checkpoint(os.path.join(cfg.resume, 'checkpoint.pt'))
+    if state['data_checksum'] != data_checksum:
+        raise ValueError(f'--resume {cfg.resume}: the checkpoint was trained on other data (training samples '
+                         f'{state["data_checksum"]}, now {data_checksum}); point --data_dir at the original dataset')
+    trainer.load_state_dict(state)
+    if world > 1:  # the checkpoint holds rank 0's generators: give each process its own stream again
+        utils.set_seed(int(torch.randint(2 ** 31 - 1, (world,))[rank]))
+    trainer.log(f'resumed {cfg.resume} at epoch {trainer.epoch}, batch {trainer.batch}')
 
 
 def write_json(obj, path):
@@ -252,6 +296,8 @@ def run(cfg):
 
     trainer = Trainer(distribute(model, device, world), cfg, samples, run_dir, device, log, rank=rank, world=world,
                       data_checksum=data_checksum)
+    if cfg.resume:
+        resume(trainer, cfg, data_checksum, rank, world)
     trainer.fit()
 
     if trainer.kept_state is None:
@@ -294,9 +340,8 @@ def run(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
     try:
-        run(cfg)
+        run(parse_config(argv))
     except (ValueError, utils.DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

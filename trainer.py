@@ -186,6 +186,7 @@ class Trainer:
         self.epoch_losses = []
         self.history = []       # one dict per validation: epoch, loss, seconds, metrics
         self._signal = None
+        self._stop_after_epoch = False
 
     # -- checkpoint state ----------------------------------------------------------------------------------
     def state_dict(self):
@@ -230,6 +231,8 @@ class Trainer:
             while self.epoch < self.cfg.epochs and not self.stopped_early:
                 if self.batch < self.n_batches:
                     self.train_epoch()
+                    if self._stop_after_epoch:  # resumes with this epoch's validation, if one is due
+                        self._stop_for_signal()
                 epoch = self.epoch
                 # Advance first, so that a checkpoint written by validate() resumes at the next epoch.
                 self.epoch, self.batch = epoch + 1, 0
@@ -325,9 +328,10 @@ class Trainer:
                     raise RunStopped(f'non-finite loss at epoch {self.epoch} step {int(bad_step)}; stopped. '
                                      f'The last good checkpoint (if any) is in {self.run_dir}; try a lower --lr')
                 bar.set_postfix(loss=f'{losses.detach().float().mean().item():.4f}')
-            if stopping:
+            if stopping and self.batch < self.n_batches:
                 self._finish_partial_epoch(loss_sum, start)
                 self._stop_for_signal()
+        self._stop_after_epoch = stopping  # the epoch's bookkeeping below is done first, then fit() stops
         self._finish_partial_epoch(loss_sum, start)
         self.scheduler.step()
         self.epoch_seconds.append(round(self.epoch_elapsed, 3))
