@@ -159,6 +159,52 @@ class GaussianDiffusion(nn.Module):
             x_t = self.p_sample(approximator, h, mask, x_t, t, noise=noise, lam=lam)
         return x_t
 
+    def respaced(self, steps):
+        """The reverse process over `steps` of the T timesteps (fast sampling): a RespacedDiffusion, or
+        self when steps == T (so that K = T is exactly the full process, not a float64 recomputation of it)."""
+        if steps == self.num_timesteps:
+            return self
+        return RespacedDiffusion(self, steps).to(self.betas.device)
+
+
+def respaced_timesteps(num_steps, steps):
+    """The K = `steps` kept timesteps of T = `num_steps`, increasing: s_i = floor(i (T-1) / (K-1) + 1/2).
+
+    i = 0..K-1, so s_0 = 0 and s_{K-1} = T-1 are always kept and the rest are evenly spaced (rounded half
+    up, in integers); they are distinct because the stride (T-1)/(K-1) is at least 1. K = 1 keeps T-1
+    alone: one call of the approximator on pure noise, whose x0_hat is the result. This is the "evenly
+    respaced" sampling of Nichol & Dhariwal (2021), except that their K = 1 keeps step 0.
+    """
+    if not 1 <= steps <= num_steps:
+        raise ValueError(f'sample_steps must lie in [1, {num_steps}] (the diffusion steps T), got {steps}')
+    if steps == 1:
+        return [num_steps - 1]
+    return [(2 * i * (num_steps - 1) + steps - 1) // (2 * (steps - 1)) for i in range(steps)]
+
+
+class RespacedDiffusion(GaussianDiffusion):
+    """The reverse process of `base` restricted to K kept timesteps s_0 < ... < s_{K-1} (respaced_timesteps).
+
+    The K-step process keeps the marginals of the kept steps: abar'_i = abar[s_i], hence
+    beta'_i = 1 - abar[s_i] / abar[s_{i-1}] (abar[s_{-1}] = 1), and every constant of GaussianDiffusion
+    follows from these betas. Index i runs over 0..K-1; the approximator, trained on the original steps,
+    is fed the original timestep s_i (scaled as base scales it), not i.
+    """
+
+    def __init__(self, base, steps):
+        kept = respaced_timesteps(base.num_timesteps, steps)
+        abar = base.consts64['alphas_cumprod'][kept]
+        super().__init__(1.0 - abar / np.append(1.0, abar[:-1]), rescale_timesteps=base.rescale_timesteps)
+        self.original_num_timesteps = base.num_timesteps
+        self.register_buffer('timestep_map', torch.tensor(kept, dtype=torch.long), persistent=False)
+
+    def scale_timesteps(self, t):
+        """t (B,) respaced index -> the value the time embedding saw for the original step s_t in training."""
+        original = self.timestep_map[t].float()
+        if self.rescale_timesteps:
+            return original * (1000.0 / self.original_num_timesteps)
+        return original
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The Approximator f(h, x_t, t) -> x0_hat

@@ -74,15 +74,19 @@ class DiffuRec(nn.Module):
         return losses.mean(), losses, t
 
     @torch.no_grad()
-    def sample(self, seq, x_T=None):
-        """Reverse process for a batch of histories: seq (B, L) -> x_0 (B, d)."""
+    def sample(self, seq, x_T=None, sample_steps=None):
+        """Reverse process for a batch of histories: seq (B, L) -> x_0 (B, d).
+
+        sample_steps K runs it over K evenly respaced of the T steps (GaussianDiffusion.respaced); None = T.
+        """
         h, mask = self.embed(seq)
-        return self.diffusion.p_sample_loop(self.approximator, h, mask, x_T=x_T)
+        diffusion = self.diffusion if sample_steps is None else self.diffusion.respaced(sample_steps)
+        return diffusion.p_sample_loop(self.approximator, h, mask, x_T=x_T)
 
     @torch.no_grad()
-    def scores(self, seq, exclude_history=False):
+    def scores(self, seq, exclude_history=False, sample_steps=None):
         """seq (B, L) -> scores (B, n_items + 1) over every row of the item table, higher is better."""
-        x0 = self.sample(seq).float()
+        x0 = self.sample(seq, sample_steps=sample_steps).float()
         if self.rounding == 'inner':
             scores = self.logits(x0)
         else:  # routing: minus the squared Euclidean distance, clamped at 0 as the reference does

@@ -1,0 +1,121 @@
+"""Beyond the reference: fast sampling (respaced reverse process)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import main
+from diffurec import GaussianDiffusion, RespacedDiffusion, get_named_beta_schedule, respaced_timesteps
+from model import DiffuRec
+from test_model import batch, small_model
+
+TINY = ['--dataset', 'synthetic', '--hidden_size', '32', '--num_blocks', '1', '--epochs', '2', '--eval_interval', '1',
+        '--limit_train_batches', '2', '--limit_eval_batches', '1', '--batch_size', '64', '--max_len', '10',
+        '--diffusion_steps', '8', '--log_file', '']
+
+
+def read_results(run_dir):
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        return json.load(f)
+
+
+def record_approximator_calls(model):
+    """Forward hook: the list of t_scaled (B,) the approximator is called with, one entry per call."""
+    calls = []
+    model.approximator.register_forward_hook(lambda module, args, out: calls.append(args[2].clone()))
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fast sampling
+# ----------------------------------------------------------------------------------------------------------
+
+def test_respaced_timesteps_are_evenly_spaced_and_keep_both_ends():
+    assert respaced_timesteps(8, 8) == list(range(8))
+    assert respaced_timesteps(8, 4) == [0, 2, 5, 7]
+    assert respaced_timesteps(8, 2) == [0, 7]
+    assert respaced_timesteps(8, 1) == [7]
+    assert respaced_timesteps(32, 4) == [0, 10, 21, 31]
+    for k in range(2, 33):
+        kept = respaced_timesteps(32, k)
+        gaps = np.diff(kept)
+        assert len(kept) == k and kept[0] == 0 and kept[-1] == 31
+        assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match='sample_steps'):
+            respaced_timesteps(8, bad)
+
+
+def test_respaced_diffusion_keeps_the_marginals_of_the_kept_steps():
+    base = GaussianDiffusion(get_named_beta_schedule('trunc_lin', 32))
+    assert base.respaced(32) is base
+    fast = base.respaced(4)
+    kept = [0, 10, 21, 31]
+    abar = base.consts64['alphas_cumprod']
+    assert isinstance(fast, RespacedDiffusion) and fast.num_timesteps == 4
+    np.testing.assert_allclose(fast.consts64['alphas_cumprod'], abar[kept], rtol=1e-12)
+    np.testing.assert_allclose(fast.consts64['betas'], 1 - abar[kept] / np.append(1.0, abar[kept][:-1]), rtol=1e-12)
+    # The approximator sees the original timesteps, scaled as in training (1000 / 32), not the indices 0..3.
+    torch.testing.assert_close(fast.scale_timesteps(torch.arange(4)), torch.tensor(kept) * (1000 / 32))
+    torch.testing.assert_close(base.scale_timesteps(torch.tensor(kept)), fast.scale_timesteps(torch.arange(4)))
+
+
+def test_all_steps_is_exactly_the_reference_path():
+    model = small_model().eval()  # T = 8
+    seq, _ = batch()
+    torch.manual_seed(7)
+    reference = model.scores(seq)
+    torch.manual_seed(7)
+    assert torch.equal(model.scores(seq, sample_steps=8), reference)
+    torch.manual_seed(7)
+    assert not torch.equal(model.scores(seq, sample_steps=4), reference)
+
+
+@pytest.mark.parametrize('steps', [1, 2, 4, 8])
+def test_fewer_steps_call_the_approximator_fewer_times_at_the_original_timesteps(steps):
+    model = small_model().eval()
+    calls = record_approximator_calls(model)
+    seq, _ = batch()
+    model.scores(seq, sample_steps=steps)
+    assert len(calls) == steps
+    expected = [t * 1000 / 8 for t in reversed(respaced_timesteps(8, steps))]
+    assert [c[0].item() for c in calls] == pytest.approx(expected)
+
+
+def test_one_step_returns_the_approximators_guess_from_pure_noise():
+    model = small_model().eval()
+    outputs = []
+    model.approximator.register_forward_hook(lambda module, args, out: outputs.append(out.clone()))
+    seq, _ = batch()
+    x0 = model.sample(seq, x_T=torch.randn(len(seq), 16), sample_steps=1)
+    assert len(outputs) == 1
+    torch.testing.assert_close(x0, outputs[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('flags, expected', [(['--sample_steps', '3'], [3, 3]),
+                                             (['--sample_steps', '2', '--eval_sample_steps', '1'], [1, 2]),
+                                             ([], [None, None])])
+def test_sample_steps_reach_validation_and_test(tmp_path, monkeypatch, flags, expected):
+    """One validation batch (epoch 1), then one test batch: each scored with its own number of steps."""
+    seen = []
+    scores = DiffuRec.scores
+
+    def recording_scores(self, seq, exclude_history=False, sample_steps=None):
+        seen.append(sample_steps)
+        return scores(self, seq, exclude_history=exclude_history, sample_steps=sample_steps)
+
+    monkeypatch.setattr(DiffuRec, 'scores', recording_scores)
+    out = str(tmp_path / 'run')
+    assert main.main(TINY + flags + ['--out_dir', out]) == 0
+    assert seen == expected
+    assert read_results(out)['config']['sample_steps'] == expected[1]
+
+
+@pytest.mark.parametrize('flags', [['--sample_steps', '0'], ['--sample_steps', '9'], ['--eval_sample_steps', '9'],
+                                   ['--sample_steps', '33', '--diffusion_steps', '32']])
+def test_sample_steps_out_of_range_is_one_clear_line(tmp_path, capsys, flags):
+    assert main.main(TINY + flags + ['--out_dir', str(tmp_path / 'run')]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: --') and 'sample_steps must lie in [1, ' in lines[0]
