@@ -65,6 +65,9 @@ def build_parser():
                        help='the padding row takes part in the loss and the ranking (reference quirk)')
     model.add_argument('--rounding', default='inner', choices=['inner', 'routing'],
                        help='scores: inner product with the item table, or minus the squared distance')
+    model.add_argument('--approximator', default='transformer', choices=['transformer', 'gru', 'mlp'],
+                       help='ablations: gru = one GRU layer, mlp = one linear layer, both on the last position '
+                            'of the same noisy input (the transformer flags do not apply to them)')
 
     train = p.add_argument_group('training')
     train.add_argument('--epochs', type=positive_int, default=500, help='maximum number of epochs')
