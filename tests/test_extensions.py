@@ -1,4 +1,4 @@
-"""Beyond the reference: fast sampling (respaced reverse process), approximator ablations."""
+"""Beyond the reference: fast sampling (respaced reverse process), rounding, approximator ablations, lambda = 0."""
 import json
 import os
 
@@ -123,6 +123,36 @@ def test_sample_steps_out_of_range_is_one_clear_line(tmp_path, capsys, flags):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Rounding
+# ----------------------------------------------------------------------------------------------------------
+
+def test_routing_scores_are_minus_the_clamped_squared_distance():
+    inner, routing = small_model().eval(), small_model(rounding='routing').eval()  # the same weights
+    seq, _ = batch()
+    table = inner.item_table.weight
+    torch.manual_seed(7)
+    x0 = inner.sample(seq)
+    torch.manual_seed(7)
+    s_inner = inner.scores(seq)
+    torch.manual_seed(7)
+    s_routing = routing.scores(seq)
+    torch.testing.assert_close(s_inner, x0 @ table.t())
+    torch.testing.assert_close(s_routing, -((x0[:, None] - table[None]) ** 2).sum(-1).clamp(min=0),
+                               atol=1e-4, rtol=1e-5)
+    assert (s_routing <= 0).all()
+    # Routing ranks by x0 . e - |e|^2 / 2: the item norms change the order, so the top items differ.
+    assert torch.equal(s_routing.argmax(1), (s_inner - 0.5 * (table ** 2).sum(-1)).argmax(1))
+    assert not torch.equal(s_routing.argmax(1), s_inner.argmax(1))
+
+
+@pytest.mark.parametrize('rounding', ['inner', 'routing'])
+def test_padding_column_is_minus_infinity_without_rank_padding(rounding):
+    seq, _ = batch()
+    scores = small_model(rounding=rounding, rank_padding=False).eval().scores(seq)
+    assert torch.isneginf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Approximator ablations
 # ----------------------------------------------------------------------------------------------------------
 
@@ -189,4 +219,32 @@ def test_ablation_runs_end_to_end(tmp_path, kind):
     d = 32
     approximator = 8 * d * d + 5 * d + (6 * d * d + 8 * d if kind == 'gru' else d * d + d)
     assert res['config']['approximator'] == kind and res['n_params'] == 201 * d + 2 * d + approximator
+    assert all(np.isfinite(res['epoch_losses'])) and all(np.isfinite(list(res['test'].values())))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lambda_uncertainty = 0
+# ----------------------------------------------------------------------------------------------------------
+
+def test_lambda_zero_draws_zero_and_removes_the_noise_from_the_input():
+    model = small_model(lambda_uncertainty=0.0).eval()
+    seq, _ = batch()
+    h, mask = model.embed(seq)
+    x_t, t = torch.randn(len(seq), 16), torch.full((len(seq),), 3.0)
+    assert torch.equal(model.approximator.noisy_input(h, x_t, t), h)  # every lambda draw is 0
+    out = model.approximator(h, x_t, t, mask)
+    assert torch.isfinite(out).all()
+    assert torch.equal(model.approximator(h, 5 * torch.randn_like(x_t), t + 100, mask), out)
+    # The reverse process ends at t = 0, where the posterior mean is x0_hat: scores no longer depend on the seed.
+    torch.manual_seed(7)
+    a = model.scores(seq)
+    torch.manual_seed(8)
+    assert torch.equal(model.scores(seq), a) and torch.isfinite(a).all()
+
+
+def test_lambda_zero_runs_end_to_end(tmp_path):
+    out = str(tmp_path / 'run')
+    assert main.main(TINY + ['--lambda_uncertainty', '0', '--out_dir', out]) == 0
+    res = read_results(out)
+    assert res['config']['lambda_uncertainty'] == 0.0 and res['kept_epoch'] == 1
     assert all(np.isfinite(res['epoch_losses'])) and all(np.isfinite(list(res['test'].values())))
