@@ -1,11 +1,12 @@
-"""Noise schedules, the Gaussian diffusion over item embeddings, and the transformer Approximator.
+"""Noise schedules, the Gaussian diffusion over item embeddings, and the Approximator.
 
 DiffuRec (Li, Sun, Li, TOIS 2024) diffuses the embedding of the target item, x_0 = E[label] (d values),
 and learns an Approximator f(h, x_t, t) -> x0_hat that reads the embedded history h (B x L x d).
 Recommendation runs the reverse process from x_T ~ N(0, I) and ranks items by x_0 . E^T.
 
 Everything here follows DIFFUREC_SPEC.md sections 2 and 3; quirks of the authors' code are named where
-they are reproduced.
+they are reproduced. Beyond the reference: fast sampling over respaced steps (RespacedDiffusion) and two
+ablations of the transformer (GRUApproximator, LinearApproximator).
 """
 import math
 
@@ -159,6 +160,52 @@ class GaussianDiffusion(nn.Module):
             x_t = self.p_sample(approximator, h, mask, x_t, t, noise=noise, lam=lam)
         return x_t
 
+    def respaced(self, steps):
+        """The reverse process over `steps` of the T timesteps (fast sampling): a RespacedDiffusion, or
+        self when steps == T (so that K = T is exactly the full process, not a float64 recomputation of it)."""
+        if steps == self.num_timesteps:
+            return self
+        return RespacedDiffusion(self, steps).to(self.betas.device)
+
+
+def respaced_timesteps(num_steps, steps):
+    """The K = `steps` kept timesteps of T = `num_steps`, increasing: s_i = floor(i (T-1) / (K-1) + 1/2).
+
+    i = 0..K-1, so s_0 = 0 and s_{K-1} = T-1 are always kept and the rest are evenly spaced (rounded half
+    up, in integers); they are distinct because the stride (T-1)/(K-1) is at least 1. K = 1 keeps T-1
+    alone: one call of the approximator on pure noise, whose x0_hat is the result. This is the "evenly
+    respaced" sampling of Nichol & Dhariwal (2021), except that their K = 1 keeps step 0.
+    """
+    if not 1 <= steps <= num_steps:
+        raise ValueError(f'sample_steps must lie in [1, {num_steps}] (the diffusion steps T), got {steps}')
+    if steps == 1:
+        return [num_steps - 1]
+    return [(2 * i * (num_steps - 1) + steps - 1) // (2 * (steps - 1)) for i in range(steps)]
+
+
+class RespacedDiffusion(GaussianDiffusion):
+    """The reverse process of `base` restricted to K kept timesteps s_0 < ... < s_{K-1} (respaced_timesteps).
+
+    The K-step process keeps the marginals of the kept steps: abar'_i = abar[s_i], hence
+    beta'_i = 1 - abar[s_i] / abar[s_{i-1}] (abar[s_{-1}] = 1), and every constant of GaussianDiffusion
+    follows from these betas. Index i runs over 0..K-1; the approximator, trained on the original steps,
+    is fed the original timestep s_i (scaled as base scales it), not i.
+    """
+
+    def __init__(self, base, steps):
+        kept = respaced_timesteps(base.num_timesteps, steps)
+        abar = base.consts64['alphas_cumprod'][kept]
+        super().__init__(1.0 - abar / np.append(1.0, abar[:-1]), rescale_timesteps=base.rescale_timesteps)
+        self.original_num_timesteps = base.num_timesteps
+        self.register_buffer('timestep_map', torch.tensor(kept, dtype=torch.long), persistent=False)
+
+    def scale_timesteps(self, t):
+        """t (B,) respaced index -> the value the time embedding saw for the original step s_t in training."""
+        original = self.timestep_map[t].float()
+        if self.rescale_timesteps:
+            return original * (1000.0 / self.original_num_timesteps)
+        return original
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The Approximator f(h, x_t, t) -> x0_hat
@@ -287,7 +334,29 @@ def attention_mask(mask, mode):
     return None, (allowed | eye).unsqueeze(1)
 
 
-class Approximator(nn.Module):
+class NoisyInput(nn.Module):
+    """The input every approximator reads: u = h + lambda * (x_t + time_mlp(emb(t))), (B, L, d).
+
+    lambda ~ N(delta, delta^2) elementwise (B, L, d), drawn anew on each call unless given; with
+    delta = 0 every draw is 0 and u = h.
+    """
+
+    def __init__(self, hidden_size, lambda_uncertainty):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.lambda_uncertainty = lambda_uncertainty
+        self.time_mlp = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(),
+                                      nn.Linear(4 * hidden_size, hidden_size))
+
+    def noisy_input(self, h, x_t, t_scaled, lam=None):
+        """h (B, L, d), x_t (B, d), t_scaled (B,) float -> u (B, L, d)."""
+        z = x_t + self.time_mlp(timestep_embedding(t_scaled, self.hidden_size))  # (B, d)
+        if lam is None:
+            lam = torch.randn_like(h).mul_(self.lambda_uncertainty).add_(self.lambda_uncertainty)
+        return h + lam * z[:, None, :]
+
+
+class Approximator(NoisyInput):
     """f(h, x_t, t) -> x0_hat: a transformer over h + lambda * (x_t + time_mlp(emb(t))).
 
     lambda ~ N(delta, delta^2) elementwise (B, L, d), drawn anew on each call unless given.
@@ -295,16 +364,12 @@ class Approximator(nn.Module):
 
     def __init__(self, hidden_size=128, num_blocks=4, heads=4, dropout=0.1, lambda_uncertainty=0.001,
                  hidden_act='gelu', attention='query'):
-        super().__init__()
+        super().__init__(hidden_size, lambda_uncertainty)
         if hidden_size % heads:
             raise ValueError(f'hidden_size {hidden_size} is not divisible by {heads} heads')
         if attention not in ATTENTION_MASKS:
             raise ValueError(f'unknown attention_mask {attention!r}; choose one of {", ".join(ATTENTION_MASKS)}')
-        self.hidden_size = hidden_size
-        self.lambda_uncertainty = lambda_uncertainty
         self.attention = attention
-        self.time_mlp = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(),
-                                      nn.Linear(4 * hidden_size, hidden_size))
         self.blocks = nn.ModuleList(TransformerBlock(hidden_size, heads, dropout, hidden_act)
                                     for _ in range(num_blocks))
         self.dropout = Dropout(dropout)
@@ -322,8 +387,50 @@ class Approximator(nn.Module):
 
         Only the last position leaves the transformer, so the last block computes only that position.
         """
-        z = x_t + self.time_mlp(timestep_embedding(t_scaled, self.hidden_size))  # (B, d)
-        if lam is None:
-            lam = torch.randn_like(h).mul_(self.lambda_uncertainty).add_(self.lambda_uncertainty)
-        u = h + lam * z[:, None, :]  # (B, L, d)
+        u = self.noisy_input(h, x_t, t_scaled, lam)  # (B, L, d)
         return self.transformer(u, mask, last_only=True)[:, -1]
+
+
+class GRUApproximator(NoisyInput):
+    """Ablation: one GRU layer (d -> d) over the noisy input u, its last position, then Dropout and LayerNorm
+    as the transformer's output. Histories are left-padded, so the last position is the latest real item;
+    the GRU reads the padding before it (the mask is unused)."""
+
+    def __init__(self, hidden_size=128, dropout=0.1, lambda_uncertainty=0.001):
+        super().__init__(hidden_size, lambda_uncertainty)
+        self.gru = nn.GRU(hidden_size, hidden_size, batch_first=True)
+        self.dropout = Dropout(dropout)
+        self.out_ln = nn.LayerNorm(hidden_size, eps=1e-12)
+
+    def forward(self, h, x_t, t_scaled, mask, lam=None):
+        """h (B, L, d), x_t (B, d), t_scaled (B,) float, mask (B, L) bool (unused) -> x0_hat (B, d)."""
+        out, _ = self.gru(self.noisy_input(h, x_t, t_scaled, lam))  # (B, L, d)
+        return self.out_ln(self.dropout(out[:, -1]))
+
+
+class LinearApproximator(NoisyInput):
+    """Ablation ("mlp"): one linear layer d -> d on the last position of the noisy input u; the history
+    reaches it only through that position's embedding."""
+
+    def __init__(self, hidden_size=128, lambda_uncertainty=0.001):
+        super().__init__(hidden_size, lambda_uncertainty)
+        self.linear = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, h, x_t, t_scaled, mask, lam=None):
+        """h (B, L, d), x_t (B, d), t_scaled (B,) float, mask (B, L) bool (unused) -> x0_hat (B, d)."""
+        return self.linear(self.noisy_input(h, x_t, t_scaled, lam)[:, -1])
+
+
+APPROXIMATORS = ('transformer', 'gru', 'mlp')
+
+
+def build_approximator(kind, hidden_size=128, num_blocks=4, heads=4, dropout=0.1, lambda_uncertainty=0.001,
+                       hidden_act='gelu', attention='query'):
+    """The approximator named `kind`; num_blocks, heads, hidden_act and attention concern the transformer only."""
+    if kind == 'transformer':
+        return Approximator(hidden_size, num_blocks, heads, dropout, lambda_uncertainty, hidden_act, attention)
+    if kind == 'gru':
+        return GRUApproximator(hidden_size, dropout, lambda_uncertainty)
+    if kind == 'mlp':
+        return LinearApproximator(hidden_size, lambda_uncertainty)
+    raise ValueError(f'unknown approximator {kind!r}; choose one of {", ".join(APPROXIMATORS)}')

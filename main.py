@@ -65,6 +65,9 @@ def build_parser():
                        help='the padding row takes part in the loss and the ranking (reference quirk)')
     model.add_argument('--rounding', default='inner', choices=['inner', 'routing'],
                        help='scores: inner product with the item table, or minus the squared distance')
+    model.add_argument('--approximator', default='transformer', choices=['transformer', 'gru', 'mlp'],
+                       help='ablations: gru = one GRU layer, mlp = one linear layer, both on the last position '
+                            'of the same noisy input (the transformer flags do not apply to them)')
 
     train = p.add_argument_group('training')
     train.add_argument('--epochs', type=positive_int, default=500, help='maximum number of epochs')
@@ -89,6 +92,11 @@ def build_parser():
     ev.add_argument('--metric_ks', type=positive_int, nargs='+', default=[5, 10, 20], help='cut-offs K of HR@K, NDCG@K')
     ev.add_argument('--metric_average', default='batch', choices=METRIC_CHOICES,
                     help='batch: mean of per-batch means (reference); user: exact mean over users')
+    ev.add_argument('--sample_steps', type=int, default=None,
+                    help='fast sampling: reverse process over K evenly respaced of the T steps, 1 <= K <= T '
+                         '(validation and test; default T)')
+    ev.add_argument('--eval_sample_steps', type=int, default=None,
+                    help='K for validation only (default: --sample_steps)')
     ev.add_argument('--exclude_history', action='store_true', help='do not rank the items of the input sequence')
     ev.add_argument('--select_metric', default=None,
                     help='keep the model that is best on this one metric (e.g. NDCG@10) instead of any metric')
@@ -137,6 +145,10 @@ def check_config(cfg):
         raise ValueError(f'--lambda_uncertainty must be >= 0, got {cfg.lambda_uncertainty}')
     from diffurec import get_named_beta_schedule
     get_named_beta_schedule(cfg.noise_schedule, cfg.diffusion_steps)  # raises for a schedule invalid at this T
+    for name in ('sample_steps', 'eval_sample_steps'):
+        steps = getattr(cfg, name)
+        if steps is not None and not 1 <= steps <= cfg.diffusion_steps:
+            raise ValueError(f'--{name} must lie in [1, {cfg.diffusion_steps}] (--diffusion_steps), got {steps}')
     if cfg.select_metric and cfg.select_metric not in metric_names(cfg.metric_ks):
         raise ValueError(f'--select_metric {cfg.select_metric} is not one of {", ".join(metric_names(cfg.metric_ks))}')
     if cfg.diversity_measure:
@@ -328,7 +340,7 @@ def run(cfg):
                 groups[name] = evaluate(final, inputs, labels, cfg.metric_ks, cfg.batch_size, device,
                                         metric_average=cfg.metric_average, exclude_history=cfg.exclude_history,
                                         precision=cfg.precision, limit_batches=cfg.limit_eval_batches, desc=name,
-                                        rank=rank, world=world)
+                                        sample_steps=cfg.sample_steps, rank=rank, world=world)
                 groups[name]['users'] = len(labels)
         results['long_head'] = groups
         log('group analysis\n' + metrics_table({k: {m: v[m] for m in metric_names(cfg.metric_ks)}

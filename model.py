@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffurec import Approximator, Dropout, GaussianDiffusion, get_named_beta_schedule
+from diffurec import Dropout, GaussianDiffusion, build_approximator, get_named_beta_schedule
 from step_sample import create_named_schedule_sampler
 
 ROUNDINGS = ('inner', 'routing')
@@ -25,7 +25,7 @@ class DiffuRec(nn.Module):
     def __init__(self, n_items, hidden_size=128, num_blocks=4, heads=4, dropout=0.1, emb_dropout=0.3,
                  lambda_uncertainty=0.001, hidden_act='gelu', diffusion_steps=32, noise_schedule='trunc_lin',
                  rescale_timesteps=True, schedule_sampler_name='lossaware', attention_mask='query',
-                 rank_padding=True, rounding='inner'):
+                 rank_padding=True, rounding='inner', approximator='transformer'):
         super().__init__()
         if rounding not in ROUNDINGS:
             raise ValueError(f'unknown rounding {rounding!r}; choose one of {", ".join(ROUNDINGS)}')
@@ -37,8 +37,8 @@ class DiffuRec(nn.Module):
         self.embed_ln = nn.LayerNorm(hidden_size, eps=1e-12)
         self.diffusion = GaussianDiffusion(get_named_beta_schedule(noise_schedule, diffusion_steps),
                                            rescale_timesteps=rescale_timesteps)
-        self.approximator = Approximator(hidden_size, num_blocks, heads, dropout, lambda_uncertainty,
-                                         hidden_act, attention_mask)
+        self.approximator = build_approximator(approximator, hidden_size, num_blocks, heads, dropout,
+                                               lambda_uncertainty, hidden_act, attention_mask)
         self.sampler = create_named_schedule_sampler(schedule_sampler_name, diffusion_steps)
 
     @classmethod
@@ -50,7 +50,8 @@ class DiffuRec(nn.Module):
                    lambda_uncertainty=c['lambda_uncertainty'], hidden_act=c['hidden_act'],
                    diffusion_steps=c['diffusion_steps'], noise_schedule=c['noise_schedule'],
                    rescale_timesteps=c['rescale_timesteps'], schedule_sampler_name=c['schedule_sampler_name'],
-                   attention_mask=c['attention_mask'], rank_padding=c['rank_padding'], rounding=c['rounding'])
+                   attention_mask=c['attention_mask'], rank_padding=c['rank_padding'], rounding=c['rounding'],
+                   approximator=c.get('approximator', 'transformer'))  # absent from configs saved before the flag
 
     def embed(self, seq):
         """seq (B, L) long -> h = LN(Drop(E[seq])) (B, L, d) and mask = seq > 0 (B, L)."""
@@ -74,15 +75,19 @@ class DiffuRec(nn.Module):
         return losses.mean(), losses, t
 
     @torch.no_grad()
-    def sample(self, seq, x_T=None):
-        """Reverse process for a batch of histories: seq (B, L) -> x_0 (B, d)."""
+    def sample(self, seq, x_T=None, sample_steps=None):
+        """Reverse process for a batch of histories: seq (B, L) -> x_0 (B, d).
+
+        sample_steps K runs it over K evenly respaced of the T steps (GaussianDiffusion.respaced); None = T.
+        """
         h, mask = self.embed(seq)
-        return self.diffusion.p_sample_loop(self.approximator, h, mask, x_T=x_T)
+        diffusion = self.diffusion if sample_steps is None else self.diffusion.respaced(sample_steps)
+        return diffusion.p_sample_loop(self.approximator, h, mask, x_T=x_T)
 
     @torch.no_grad()
-    def scores(self, seq, exclude_history=False):
+    def scores(self, seq, exclude_history=False, sample_steps=None):
         """seq (B, L) -> scores (B, n_items + 1) over every row of the item table, higher is better."""
-        x0 = self.sample(seq).float()
+        x0 = self.sample(seq, sample_steps=sample_steps).float()
         if self.rounding == 'inner':
             scores = self.logits(x0)
         else:  # routing: minus the squared Euclidean distance, clamped at 0 as the reference does

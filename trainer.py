@@ -78,8 +78,11 @@ def autocast(device, precision):
 
 @torch.inference_mode()
 def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batch', exclude_history=False,
-             precision='fp32', limit_batches=None, desc='eval', show_progress=True, rank=0, world=1, stop=None):
+             precision='fp32', limit_batches=None, desc='eval', show_progress=True, rank=0, world=1, stop=None,
+             sample_steps=None):
     """HR@k and NDCG@k (percent) of `model` on inputs (N, L) -> labels (N,), in batches of batch_size.
+
+    sample_steps: reverse steps of the scoring (model.scores); None = all T.
 
     Returns None if `stop()` turns true between batches.
 
@@ -103,7 +106,7 @@ def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batc
             continue
         seq, label = inputs[rows].to(device, non_blocking=True), labels[rows].to(device, non_blocking=True)
         with autocast(device, precision):
-            scores = model.scores(seq, exclude_history=exclude_history)
+            scores = model.scores(seq, exclude_history=exclude_history, sample_steps=sample_steps)
         sums[b] = rank_metrics(label_ranks(scores.float(), label), ks).sum(0)
         counts[b] = len(rows)
     if world > 1:
@@ -362,7 +365,14 @@ class Trainer:
         return evaluate(model or self.module, inputs, labels, self.ks, self.cfg.batch_size, self.device,
                         metric_average=self.cfg.metric_average, exclude_history=self.cfg.exclude_history,
                         precision=self.cfg.precision, limit_batches=self.cfg.limit_eval_batches,
-                        desc=split, rank=self.rank, world=self.world, stop=stop)
+                        desc=split, rank=self.rank, world=self.world, stop=stop,
+                        sample_steps=self.sample_steps(split))
+
+    def sample_steps(self, split):
+        """Reverse steps for a split: --eval_sample_steps for validation if given, else --sample_steps (None = T)."""
+        if split == 'val' and self.cfg.eval_sample_steps is not None:
+            return self.cfg.eval_sample_steps
+        return self.cfg.sample_steps
 
     def validate(self, epoch):
         """Validate the model trained through `epoch`: update the bests and the kept model, count bad
