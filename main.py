@@ -18,7 +18,7 @@ import torch
 
 import utils
 from model import DiffuRec
-from trainer import RunStopped, Trainer, evaluate, format_metrics, load_checkpoint, metric_names, metrics_table
+from trainer import RunStopped, Trainer, evaluate, load_checkpoint, metric_names, metrics_table
 
 METRIC_CHOICES = ('batch', 'user')
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'datasets', 'data')
