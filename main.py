@@ -243,7 +243,7 @@ def run(cfg):
     selection = kept_selection(trainer.history, trainer.kept_epoch, cfg.select_metric, cfg.metric_ks)
     rows = {'test': test}
     if trainer.best:
-        rows = {'best valid': trainer.best, f'kept valid ({selection["epoch"]})': selection['valid'], **rows}
+        rows = {'best valid': trainer.best, f'kept valid (epoch {selection["epoch"]})': selection['valid'], **rows}
     log('\n' + metrics_table(rows))
     diversity = diversity_metrics(torch.cat(topk_items), final.item_table.weight, n_items, item_categories)
     log('diversity of the test top-K: ' + '  '.join(f'{k} {v}' for k, v in diversity.items()))
