@@ -12,7 +12,8 @@ import torch
 
 import main
 import utils
-from recommend import load_run
+from model import DiffuRec
+from recommend import load_run, top_items, write_recommendations
 from trainer import diversity_metrics, save_atomic
 
 FAST = ['--hidden_size', '16', '--num_blocks', '1', '--diffusion_steps', '8', '--max_len', '20', '--log_file', '',
@@ -98,6 +99,21 @@ def test_recommendations_are_original_ids_topk_per_user(mapped, tmp_path, capsys
     assert main.main(argv(out + '2')) == 0
     with open(out) as a, open(out + '2') as b:
         assert a.read() == b.read()
+
+
+def test_a_user_with_fewer_than_k_items_left_gets_fewer_rows(tmp_path):
+    torch.manual_seed(0)
+    model = DiffuRec(12, hidden_size=8, num_blocks=1, diffusion_steps=4).eval()
+    histories = [list(range(1, 10)), [3]]  # user 0 has seen 9 of the 12 items
+    inputs = torch.tensor([[0] * (5 - len(h[-5:])) + h[-5:] for h in histories])  # left-padded, L = 5
+    items, scores = top_items(model, inputs, histories, 5, 8, torch.device('cpu'), exclude_history=True)
+    assert set(items[0, :3].tolist()) == {10, 11, 12} and torch.isinf(scores[0, 3:]).all()
+    assert 3 not in items[1].tolist() and 0 not in items[1].tolist() and torch.isfinite(scores[1]).all()
+    path = str(tmp_path / 'r.csv')
+    write_recommendations(path, items, scores, {'u0': 0, 'u1': 1}, {f'i{i}': i for i in range(1, 13)})
+    rows, by_user = read_recommendations(path)
+    assert len(by_user['u0']) == 3 and len(by_user['u1']) == 5
+    assert {r['item'] for r in by_user['u0']} == {'i10', 'i11', 'i12'}
 
 
 def test_recommend_uses_the_kept_model(mapped, tmp_path):
