@@ -11,8 +11,8 @@ import utils
 from model import DiffuRec
 from trainer import Trainer, average_metrics, evaluate, kept_selection, load_checkpoint, metric_names
 
-TINY = ['--dataset', 'synthetic', '--hidden_size', '16', '--num_blocks', '1', '--diffusion_steps', '8', '--max_len', '20',
-        '--log_file', '']
+TINY = ['--dataset', 'synthetic', '--hidden_size', '16', '--num_blocks', '1', '--diffusion_steps', '8',
+        '--max_len', '20', '--log_file', '']
 
 
 def tiny_trainer(tmp_path, *flags):
