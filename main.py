@@ -18,7 +18,9 @@ import torch
 
 import utils
 from model import DiffuRec
-from trainer import RunStopped, Trainer, evaluate, load_checkpoint, metric_names, metrics_table
+from recommend import recommend
+from trainer import (RunStopped, Trainer, diversity_metrics, evaluate, format_metrics, kept_selection, load_checkpoint,
+                     metric_names, metrics_table)
 
 METRIC_CHOICES = ('batch', 'user')
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'datasets', 'data')
@@ -104,7 +106,10 @@ def build_parser():
                     help='all corrections at once: --attention_mask key --no-rank_padding --exclude_history '
                          '--metric_average user --select_metric NDCG@10 --update_lossaware')
     ev.add_argument('--long_head', action='store_true', help='also test hot/cold and length groups of users')
-    ev.add_argument('--diversity_measure', action='store_true', help='category diversity of the top-K (needs a category file)')
+    ev.add_argument('--diversity_measure', action='store_true',
+                    help='category diversity of the test top-K (needs --category_file)')
+    ev.add_argument('--category_file', default=None, metavar='PATH',
+                    help='JSON or CSV mapping original item id -> category: adds category diversity to results.json')
     ev.add_argument('--epoch_time_avg', action='store_true', help='report the mean epoch time')
 
     run = p.add_argument_group('run')
@@ -116,6 +121,15 @@ def build_parser():
     run.add_argument('--limit_train_batches', type=positive_int, default=None, help='smoke runs: batches per epoch')
     run.add_argument('--limit_eval_batches', type=positive_int, default=None, help='smoke runs: batches per evaluation')
     run.add_argument('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR')
+    run.add_argument('--seeds', type=int, nargs='+', default=None, metavar='S',
+                     help='one run per seed in <out_dir>/seed_<S>/, then mean +- std in <out_dir>/aggregate.json')
+
+    rec = p.add_argument_group('recommendations from a trained run')
+    rec.add_argument('--recommend', default=None, metavar='RUN_DIR',
+                     help='write every user\'s top --topk items (original ids) from the run in RUN_DIR; no training')
+    rec.add_argument('--topk', type=positive_int, default=20, help='items per user for --recommend')
+    rec.add_argument('--out', default=None, metavar='PATH',
+                     help='CSV for --recommend (default RUN_DIR/recommendations.csv)')
     return p
 
 
@@ -151,8 +165,8 @@ def check_config(cfg):
             raise ValueError(f'--{name} must lie in [1, {cfg.diffusion_steps}] (--diffusion_steps), got {steps}')
     if cfg.select_metric and cfg.select_metric not in metric_names(cfg.metric_ks):
         raise ValueError(f'--select_metric {cfg.select_metric} is not one of {", ".join(metric_names(cfg.metric_ks))}')
-    if cfg.diversity_measure:
-        raise ValueError('--diversity_measure needs a category file, which is not supported yet; drop the flag')
+    if cfg.diversity_measure and not cfg.category_file:
+        raise ValueError('--diversity_measure needs --category_file PATH (JSON or CSV: original item id -> category)')
 
 
 def parse_config(argv=None):
@@ -280,6 +294,7 @@ def run(cfg):
     samples = utils.build_samples(data, cfg.max_len)
     data_checksum = utils.samples_checksum(*samples['train'])
     samples = {split: (x.to(device), y.to(device)) for split, (x, y) in samples.items()}  # once, not per batch
+    item_categories = utils.load_item_categories(cfg.category_file, data['smap'])[0] if cfg.category_file else None
 
     run_dir = utils.from_rank0(lambda: make_run_dir(cfg), rank, world)  # one directory, chosen by rank 0
     log_paths = [os.path.join(run_dir, 'log.txt')]
@@ -315,15 +330,20 @@ def run(cfg):
     if trainer.kept_state is None:
         log('no validation ran (epochs <= eval_interval): testing the final model')
     final = trainer.final_model()
-    test = trainer.evaluate('test', model=final)
+    topk_items = []
+    test = trainer.evaluate('test', model=final, topk_items=topk_items)
+    selection = kept_selection(trainer.history, trainer.kept_epoch, cfg.select_metric, cfg.metric_ks)
     rows = {'test': test}
     if trainer.best:
-        rows = {'best valid': trainer.best, **rows}
+        rows = {'best valid': trainer.best, f'kept valid (epoch {selection["epoch"]})': selection['valid'], **rows}
     log('\n' + metrics_table(rows))
+    diversity = diversity_metrics(torch.cat(topk_items), final.item_table.weight, n_items, item_categories)
+    log('diversity of the test top-K: ' + '  '.join(f'{k} {v}' for k, v in diversity.items()))
 
     results = {
         'dataset': cfg.dataset, 'config': utils.config_dict(cfg), 'test': test,
         'best_valid': trainer.best, 'best_epoch': trainer.best_epoch, 'kept_epoch': trainer.kept_epoch,
+        'selection': selection, 'diversity': diversity,
         'epochs_run': len(trainer.epoch_seconds), 'stopped_early': trainer.stopped_early,
         'epoch_seconds': trainer.epoch_seconds, 'epoch_losses': trainer.epoch_losses,
         'validations': trainer.history, 'n_params': n_params, 'device': str(device),
@@ -347,13 +367,87 @@ def run(cfg):
                                                 for k, v in groups.items()}))
     if rank == 0:
         write_json(results, os.path.join(run_dir, 'results.json'))
+        write_curves(run_dir, trainer, cfg.metric_ks, log)
     log(f'results written to {os.path.join(run_dir, "results.json")}')
     return results
 
 
+def write_curves(run_dir, trainer, ks, log):
+    """curves.png in the run directory when matplotlib is installed, else a one-line notice."""
+    path = os.path.join(run_dir, 'curves.png')
+    if utils.plot_curves(path, trainer.epoch_losses, trainer.history, metric_names(ks), trainer.kept_epoch):
+        log(f'training curves written to {path}')
+    else:
+        log('matplotlib is not installed: no curves.png (pip install matplotlib to get the training curves)')
+
+
+def aggregate_results(per_seed):
+    """{seed: results of run()} -> aggregate.json: every test metric and diversity value over the seeds.
+
+    Per metric: mean, std (sample standard deviation, n - 1; None for one seed), values (in seed order).
+    """
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    names = list(first['test']) + [k for k, v in first['diversity'].items() if v is not None]
+    metrics = {}
+    for name in names:
+        values = [r['test'][name] if name in r['test'] else r['diversity'][name] for r in per_seed.values()]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+        metrics[name] = {'mean': round(mean, 4), 'std': None if std is None else round(std, 4), 'values': values}
+    return {'dataset': first['dataset'], 'seeds': seeds, 'std': 'sample standard deviation (n - 1)',
+            'metrics': metrics}
+
+
+def aggregate_table(aggregate):
+    """The aggregate as text: one line per metric, mean +- std over the seeds."""
+    n = len(aggregate['seeds'])
+    lines = [f'{aggregate["dataset"]}, {n} seed(s) {" ".join(map(str, aggregate["seeds"]))}: mean +- std (n - 1)']
+    for name, m in aggregate['metrics'].items():
+        std = 'n/a' if m['std'] is None else f'{m["std"]:.4f}'
+        lines.append(f'{name:>22}  {m["mean"]:10.4f} +- {std}')
+    return '\n'.join(lines)
+
+
+def run_seeds(cfg):
+    """--seeds S1 S2 ...: run() once per seed, in <out_dir>/seed_<S>/, then aggregate_results over the
+    seeds, printed and written to <out_dir>/aggregate.json (returned)."""
+    duplicate = next((s for s in cfg.seeds if cfg.seeds.count(s) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f'--seeds lists {duplicate} twice; give each seed once')
+    if cfg.resume:
+        raise ValueError('--seeds cannot be combined with --resume; resume each <out_dir>/seed_<S> run on its own')
+    check_config(cfg)
+    base = make_run_dir(cfg)
+    per_seed = {}
+    for seed in cfg.seeds:
+        one = argparse.Namespace(**{**vars(cfg), 'random_seed': seed, 'seeds': None,
+                                    'out_dir': os.path.join(base, f'seed_{seed}')})
+        per_seed[seed] = run(one)
+    aggregate = aggregate_results(per_seed)
+    aggregate['runs'] = {str(seed): os.path.join(base, f'seed_{seed}') for seed in cfg.seeds}
+    write_json(aggregate, os.path.join(base, 'aggregate.json'))
+    print(aggregate_table(aggregate))
+    print(f'aggregate written to {os.path.join(base, "aggregate.json")}')
+    return aggregate
+
+
+def run_command(cfg):
+    """What main() runs: --recommend, --seeds, or one run."""
+    if cfg.recommend:
+        if cfg.seeds:
+            raise ValueError('--recommend reads a trained run; it cannot be combined with --seeds')
+        path = recommend(cfg, default_data_dir=build_parser().get_default('data_dir'))
+        print(f'recommendations written to {path}')
+    elif cfg.seeds:
+        run_seeds(cfg)
+    else:
+        run(cfg)
+
+
 def main(argv=None):
     try:
-        run(parse_config(argv))
+        run_command(parse_config(argv))
     except (ValueError, utils.DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

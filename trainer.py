@@ -70,6 +70,42 @@ def average_metrics(sums, counts, ks, metric_average='batch'):
     return {name: round(float(v) * 100, 4) for name, v in zip(metric_names(ks), values)}
 
 
+def diversity_metrics(topk, item_table, n_items, item_categories=None, chunk=4096):
+    """Diversity of the top-K lists topk (U, K) long, ids 0..n_items, best first (one list per user).
+
+    coverage@K  percent of the n_items catalogue items that appear in at least one list (the padding
+                row 0, ranked only under --rank_padding, is no catalogue item and is not counted).
+    ild@K       intra-list diversity: the mean over users of the mean pairwise cosine distance
+                1 - cos(e_i, e_j), i < j, between the item-table rows e of the list (0..2; None when K = 1).
+    With item_categories (n_items + 1, C) bool, row i marking the categories of item i:
+    categories@K          mean number of distinct categories in a list;
+    category_coverage@K   percent of the categories (of at least one item) that appear in some list.
+    item_table (n_items + 1, d). Values rounded to 4 decimals.
+    """
+    n_users, k = topk.shape
+    listed = torch.zeros(n_items + 1, dtype=torch.bool)
+    listed[topk.flatten()] = True
+    listed[0] = False
+    out = {f'coverage@{k}': round(100.0 * int(listed.sum()) / n_items, 4)}
+    # Sum of pairwise cosine similarities over i != j is |sum_i u_i|^2 - K for unit vectors u_i.
+    unit = torch.nn.functional.normalize(item_table.detach().double().cpu(), dim=-1)
+    ild_sum, categories_sum = 0.0, 0
+    for rows in topk.split(chunk):
+        if k > 1:
+            summed = unit[rows].sum(1)  # (chunk, d)
+            similarity = ((summed * summed).sum(1) - k) / (k * (k - 1))
+            ild_sum += float((1.0 - similarity).sum())
+        if item_categories is not None:
+            categories_sum += int(item_categories[rows].any(1).sum())
+    out[f'ild@{k}'] = round(ild_sum / n_users, 4) if k > 1 else None
+    if item_categories is not None:
+        out[f'categories@{k}'] = round(categories_sum / n_users, 4)
+        present = item_categories.any(0)
+        shown = item_categories[listed].any(0)
+        out[f'category_coverage@{k}'] = round(100.0 * int(shown.sum()) / max(int(present.sum()), 1), 4)
+    return out
+
+
 def autocast(device, precision):
     if precision == 'bf16':
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -79,12 +115,15 @@ def autocast(device, precision):
 @torch.inference_mode()
 def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batch', exclude_history=False,
              precision='fp32', limit_batches=None, desc='eval', show_progress=True, rank=0, world=1, stop=None,
-             sample_steps=None):
+             sample_steps=None, topk_items=None):
     """HR@k and NDCG@k (percent) of `model` on inputs (N, L) -> labels (N,), in batches of batch_size.
 
     sample_steps: reverse steps of the scoring (model.scores); None = all T.
 
     Returns None if `stop()` turns true between batches.
+    topk_items: None (nothing extra is computed), or a list that receives the top-K item ids of the rows,
+    K = max(ks), as LongTensors (rows, K) on the CPU, best first (for diversity_metrics). With several
+    processes it ends holding one tensor with every process's rows (not in user order).
 
     With several processes each takes its slice of every batch; the per-batch sums are added across
     processes, so the result equals a single-process evaluation.
@@ -109,9 +148,14 @@ def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batc
             scores = model.scores(seq, exclude_history=exclude_history, sample_steps=sample_steps)
         sums[b] = rank_metrics(label_ranks(scores.float(), label), ks).sum(0)
         counts[b] = len(rows)
+        if topk_items is not None:
+            topk_items.append(scores.float().topk(max(ks), dim=1).indices.cpu())
     if world > 1:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
+        if topk_items is not None:
+            mine = torch.cat(topk_items) if topk_items else torch.zeros(0, max(ks), dtype=torch.long)
+            topk_items[:] = [utils.all_gather_varlen(mine.flatten().to(device)).view(-1, max(ks)).cpu()]
     return average_metrics(sums.cpu(), counts.cpu(), ks, metric_average)
 
 
@@ -359,14 +403,14 @@ class Trainer:
         if hasattr(self.module.sampler, 'update_with_all_losses'):
             self.module.sampler.update_with_all_losses(t.cpu().numpy(), losses.cpu().numpy())
 
-    def evaluate(self, split, model=None, stop=None):
+    def evaluate(self, split, model=None, stop=None, topk_items=None):
         """Metrics of `model` (default: the current one) on a split of self.samples."""
         inputs, labels = self.samples[split]
         return evaluate(model or self.module, inputs, labels, self.ks, self.cfg.batch_size, self.device,
                         metric_average=self.cfg.metric_average, exclude_history=self.cfg.exclude_history,
                         precision=self.cfg.precision, limit_batches=self.cfg.limit_eval_batches,
                         desc=split, rank=self.rank, world=self.world, stop=stop,
-                        sample_steps=self.sample_steps(split))
+                        sample_steps=self.sample_steps(split), topk_items=topk_items)
 
     def sample_steps(self, split):
         """Reverse steps for a split: --eval_sample_steps for validation if given, else --sample_steps (None = T)."""
@@ -425,6 +469,17 @@ class Trainer:
         model = copy.deepcopy(self.module)
         model.load_state_dict(self.kept_state)
         return model
+
+
+def kept_selection(history, kept_epoch, select_metric, ks):
+    """results.json 'selection': the rule that chose the kept model, its epoch and its validation metrics.
+
+    metric: select_metric, or 'any' (the reference: kept whenever any metric improves); epoch: the kept
+    epoch (None when no validation ran); valid: the metrics of that one validation ({} when none).
+    """
+    row = next((r for r in history if r['epoch'] == kept_epoch), None)
+    valid = {m: row[m] for m in metric_names(ks)} if row is not None else {}
+    return {'metric': select_metric or 'any', 'epoch': kept_epoch, 'valid': valid}
 
 
 def format_metrics(metrics):

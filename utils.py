@@ -17,8 +17,10 @@ Every dataset problem is raised as ``DataError`` whose message is one line namin
 the file, the problem and the fix.  Nothing happens at import time.
 """
 
+import csv
 import hashlib
 import http.client
+import json
 import os
 import pickle
 import random
@@ -438,6 +440,64 @@ def samples_checksum(inputs, labels):
     return digest.hexdigest()[:16]
 
 
+def full_history_inputs(data, max_len=50):
+    """The input to recommend from: left-pad(train[u] + val[u] + test[u]) for every user u ascending.
+
+    Returns a LongTensor (n_users, max_len): each user's whole known history, its last max_len items.
+    """
+    packed, start, train_len = _pack_full_sequences(data, max_len)
+    windows = np.lib.stride_tricks.sliding_window_view(packed, max_len)
+    ends = start + train_len + 2  # one past each user's last item
+    return torch.from_numpy(windows[ends - max_len].reshape(len(ends), max_len))
+
+
+def load_item_categories(path, smap):
+    """Item categories from a JSON or CSV file keyed by the dataset's ORIGINAL item ids (the keys of smap).
+
+    ``.json``: {"<item id>": "category"} or {"<item id>": ["category", ...]}. Any other name is CSV: rows
+    ``item,category``, one row per (item, category) pair; a first row ``item,category`` is a header.
+    Items the dataset does not have are ignored; an item listed nowhere has no category.
+    Returns (categories BoolTensor (len(smap) + 1, C), row i = the categories of item i and row 0 (padding)
+    empty; names, the C category names sorted). DataError when unreadable or when no item matches.
+    """
+    try:
+        if path.lower().endswith('.json'):
+            with open(path, encoding='utf-8') as f:
+                raw = json.load(f)
+            if not isinstance(raw, dict):
+                raise DataError(f"{path}: expected a JSON object {{item id: category}}, got "
+                                f"{type(raw).__name__}; see README, 'Diversity'")
+            pairs = [(str(item), str(c)) for item, cats in raw.items()
+                     for c in (cats if isinstance(cats, list) else [cats])]
+        else:
+            with open(path, newline='', encoding='utf-8') as f:
+                rows = [r for r in csv.reader(f) if r]
+            if rows and [c.strip().lower() for c in rows[0]] == ['item', 'category']:
+                rows = rows[1:]
+            bad = next((i for i, r in enumerate(rows) if len(r) != 2), None)
+            if bad is not None:
+                raise DataError(f"{path}: row {rows[bad]!r:.60} has {len(rows[bad])} fields, expected "
+                                f"2 (item,category)")
+            pairs = [(item.strip(), c.strip()) for item, c in rows]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the category file ({_one_line(e)}); check "
+                        f"--category_file") from e
+    except (ValueError, csv.Error) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(f"{path}: not a readable JSON or CSV category file ({type(e).__name__}: "
+                        f"{_one_line(e)[:100]})") from e
+    new_id = {str(k): v for k, v in smap.items()}
+    known = [(new_id[item], c) for item, c in pairs if item in new_id]
+    if not known:
+        raise DataError(f"{path}: none of its {len(pairs)} entries names an item of the dataset; keys must "
+                        f"be the original item ids (the keys of smap), e.g. {next(iter(new_id), '?')!r}")
+    names = sorted({c for _, c in known})
+    column = {c: j for j, c in enumerate(names)}
+    categories = torch.zeros(len(smap) + 1, len(names), dtype=torch.bool)
+    items, cols = zip(*((i, column[c]) for i, c in known))
+    categories[torch.tensor(items), torch.tensor(cols)] = True
+    return categories, names
+
+
 # Group names of the --long_head analysis, in report order.
 POPULARITY_GROUPS = ('hot', 'cold')
 LENGTH_GROUPS = ('short', 'mid_short', 'mid', 'mid_long', 'long')
@@ -608,3 +668,36 @@ class RunLog:
         for path in self.paths:
             with open(path, 'a') as f:
                 f.write(message + '\n')
+
+
+def plot_curves(path, epoch_losses, validations, names, kept_epoch=None):
+    """Training curves to a PNG at `path`: the mean training loss per epoch (left) and the validation
+    metrics `names` per validation (right), the kept epoch marked. epoch_losses: one float per epoch
+    (epoch 0 first); validations: dicts with 'epoch' and each name (Trainer.history).
+
+    Draws with matplotlib's Agg backend (no display, global backend untouched). Returns False, and
+    writes nothing, when matplotlib is not installed (it is optional).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(11, 4), layout='constrained')
+    FigureCanvasAgg(fig)
+    loss_ax, metric_ax = fig.subplots(1, 2)
+    loss_ax.plot(range(len(epoch_losses)), epoch_losses, marker='.')
+    loss_ax.set(xlabel='epoch', ylabel='mean training loss', title='training loss')
+    epochs = [v['epoch'] for v in validations]
+    for name in names:
+        metric_ax.plot(epochs, [v[name] for v in validations], marker='o', label=name)
+    metric_ax.set(xlabel='epoch', ylabel='percent', title='validation')
+    for ax in (loss_ax, metric_ax):
+        if kept_epoch is not None:
+            ax.axvline(kept_epoch, color='grey', linestyle='--', linewidth=1, label=f'kept (epoch {kept_epoch})')
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    if validations:
+        metric_ax.legend(fontsize='small')
+    fig.savefig(path, dpi=100)
+    return True

@@ -1,0 +1,136 @@
+"""Recommendations from a trained run: every user's top-K items, in the dataset's original ids.
+
+    python main.py --recommend RUN_DIR --topk 20 --out recs.csv [--exclude_history]
+
+The model is rebuilt from the run's checkpoint (its config and weights; the kept model when one was kept)
+and the dataset is loaded as the run loaded it. Each user's input is the whole known history,
+train + val + test (its last max_len items), so the list is a forecast of the item after the test item.
+"""
+import csv
+import json
+import os
+
+import torch
+from tqdm import tqdm
+
+import utils
+from model import DiffuRec
+from trainer import load_checkpoint
+
+CSV_FIELDS = ('user', 'rank', 'item', 'score')
+
+
+def load_run(run_dir):
+    """(model on the CPU in eval mode, the run's config dict, the checkpoint) of a run directory.
+
+    The weights are the checkpoint's kept model ('kept_model'), else its last one ('model'); the config
+    is the checkpoint's 'config', else the run's config.json. Raises ValueError (one line) when the
+    directory, the checkpoint or its contents are missing or unusable.
+    """
+    if not os.path.isdir(run_dir):
+        raise ValueError(f'--recommend {run_dir}: no such run directory')
+    checkpoint = load_checkpoint(os.path.join(run_dir, 'checkpoint.pt'))
+    if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'n_items' not in checkpoint:
+        raise ValueError(f'{run_dir}/checkpoint.pt is not a DiffuRec checkpoint (no model or n_items)')
+    config = checkpoint.get('config')
+    if config is None:
+        try:
+            with open(os.path.join(run_dir, 'config.json')) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f'{run_dir}: the checkpoint holds no config and config.json cannot be read '
+                             f'({type(e).__name__})') from None
+    state = checkpoint['kept_model'] if checkpoint.get('kept_model') is not None else checkpoint['model']
+    try:
+        model = DiffuRec.from_config(config, checkpoint['n_items'])
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f'{run_dir}: the checkpoint does not match its config '
+                         f'({type(e).__name__}: {str(e).splitlines()[0][:120]})') from None
+    return model.eval(), config, checkpoint
+
+
+@torch.no_grad()
+def top_items(model, inputs, histories, k, batch_size, device, exclude_history=False):
+    """Each row's k best items: inputs (U, L) long -> (items (U, k) long, scores (U, k) float), best first.
+
+    The padding row 0 is never recommended. histories: one list of item ids per row, excluded
+    (all of it, not only the last L items) when exclude_history. An excluded item scores -inf; a row
+    with fewer than k items left keeps -inf entries at its end.
+    """
+    items, scores = [], []
+    for begin in tqdm(range(0, len(inputs), batch_size), desc='recommend', leave=False, dynamic_ncols=True):
+        seq = inputs[begin:begin + batch_size].to(device)
+        s = model.scores(seq).float()
+        s[:, 0] = float('-inf')
+        if exclude_history:
+            rows = histories[begin:begin + batch_size]
+            row_index = torch.cat([torch.full((len(h),), i) for i, h in enumerate(rows)])
+            item_index = torch.tensor([item for h in rows for item in h])
+            s[row_index.to(device), item_index.to(device)] = float('-inf')
+        best = s.topk(k, dim=1)
+        items.append(best.indices.cpu())
+        scores.append(best.values.cpu())
+    return torch.cat(items), torch.cat(scores)
+
+
+def write_recommendations(path, items, scores, umap, smap):
+    """CSV with columns user, rank, item, score: one row per (user, rank), users ascending, rank 1 first.
+
+    users and items are the dataset's original ids (umap / smap inverted); entries scoring -inf (fewer
+    than k items left) are left out. Written to a temporary file and renamed: the file is always whole.
+    """
+    user_of = {new: original for original, new in umap.items()}
+    item_of = {new: original for original, new in smap.items()}
+    missing = next((u for u in range(len(items)) if u not in user_of), None)
+    if missing is not None:
+        raise utils.DataError(f'umap has no original id for user {missing}; the dataset is inconsistent')
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_FIELDS)
+            for u, (row_items, row_scores) in enumerate(zip(items.tolist(), scores.tolist())):
+                for rank, (item, score) in enumerate(zip(row_items, row_scores), start=1):
+                    if score != float('-inf'):
+                        writer.writerow((user_of[u], rank, item_of[item], f'{score:.6g}'))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def recommend(cfg, default_data_dir):
+    """`--recommend RUN_DIR`: write every user's top cfg.topk items to cfg.out (default
+    RUN_DIR/recommendations.csv) and return the path.
+
+    The dataset is the run's (--dataset and --max_len of its config); its --data_dir unless cfg.data_dir
+    differs from default_data_dir. Sampling is seeded with cfg.random_seed, so a rerun gives the same file.
+    """
+    run_dir = cfg.recommend
+    model, config, checkpoint = load_run(run_dir)
+    data_dir = cfg.data_dir if cfg.data_dir != default_data_dir else config.get('data_dir', cfg.data_dir)
+    data = utils.load_dataset(config['dataset'], data_dir)
+    n_items = len(data['smap'])
+    if n_items != checkpoint['n_items']:
+        raise ValueError(f'dataset {config["dataset"]} in {data_dir} has {n_items} items but the run\'s model '
+                         f'has {checkpoint["n_items"]}: not the data the run was trained on')
+    expected = checkpoint.get('data_checksum')
+    if expected and utils.samples_checksum(*utils.build_samples(data, config['max_len'])['train']) != expected:
+        raise ValueError(f'dataset {config["dataset"]} in {data_dir} differs from the data the run was trained on '
+                         f'(training-sample checksum is not {expected})')
+    if cfg.topk > n_items:
+        raise ValueError(f'--topk {cfg.topk} exceeds the {n_items} items of {config["dataset"]}')
+    out = cfg.out or os.path.join(run_dir, 'recommendations.csv')
+    device = utils.choose_device(cfg.device)
+    utils.set_seed(cfg.random_seed)
+    users = range(len(data['train']))
+    histories = [data['train'][u] + data['val'][u] + data['test'][u] for u in users]
+    inputs = utils.full_history_inputs(data, config['max_len'])
+    items, scores = top_items(model.to(device), inputs, histories, cfg.topk, cfg.batch_size, device,
+                              exclude_history=cfg.exclude_history)
+    try:
+        write_recommendations(out, items, scores, data['umap'], data['smap'])
+    except OSError as e:
+        raise ValueError(f'cannot write {out} ({e.strerror}); choose another --out') from None
+    return out

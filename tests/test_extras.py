@@ -1,0 +1,264 @@
+"""Beyond the reference: several seeds, recommendations, training curves and diversity of the top-K."""
+import csv
+import json
+import os
+import pickle
+import statistics
+import sys
+import types
+
+import pytest
+import torch
+
+import main
+import utils
+from model import DiffuRec
+from recommend import load_run, top_items, write_recommendations
+from trainer import diversity_metrics, save_atomic
+
+FAST = ['--hidden_size', '16', '--num_blocks', '1', '--diffusion_steps', '8', '--max_len', '20', '--log_file', '',
+        '--epochs', '2', '--eval_interval', '1', '--limit_train_batches', '2']
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def one_error_line(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), lines
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A tiny dataset whose original ids differ from the new ones, a category file, and one trained run on it
+# ----------------------------------------------------------------------------------------------------------
+
+def original_item(i):
+    return f'B{1000 + 7 * i}'
+
+
+def original_user(u):
+    return 5000 + 3 * u
+
+
+@pytest.fixture(scope='module')
+def mapped(tmp_path_factory):
+    """(data_dir, dataset, run_dir): synthetic data (50 users, 60 items) with string item ids 'B1007'..
+    and user ids 5000, 5003, .., trained for 2 epochs with a category file (category = new id mod 4)."""
+    root = tmp_path_factory.mktemp('mapped')
+    data = utils.make_synthetic(n_users=50, n_items=60)
+    data['smap'] = {original_item(i): i for i in range(1, 61)}
+    data['umap'] = {original_user(u): u for u in range(50)}
+    os.makedirs(root / 'data' / 'mapped')
+    with open(root / 'data' / 'mapped' / 'dataset.pkl', 'wb') as f:
+        pickle.dump(data, f)
+    with open(root / 'categories.csv', 'w') as f:
+        f.write('item,category\n' + ''.join(f'{original_item(i)},c{i % 4}\n' for i in range(1, 61)))
+    run_dir = str(root / 'run')
+    assert main.main(['--dataset', 'mapped', '--data_dir', str(root / 'data'), '--out_dir', run_dir,
+                      '--category_file', str(root / 'categories.csv'), '--diversity_measure'] + FAST) == 0
+    return root / 'data', data, run_dir
+
+
+def read_recommendations(path):
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    by_user = {}
+    for row in rows:
+        by_user.setdefault(row['user'], []).append(row)
+    return rows, by_user
+
+
+@pytest.mark.parametrize('exclude', [True, False])
+def test_recommendations_are_original_ids_topk_per_user(mapped, tmp_path, capsys, exclude):
+    data_dir, data, run_dir = mapped
+    out = str(tmp_path / 'recs.csv')
+
+    def argv(path):
+        return ['--recommend', run_dir, '--topk', '30', '--out', path] + (['--exclude_history'] if exclude else [])
+
+    assert main.main(argv(out)) == 0
+    assert 'recommendations written to' in capsys.readouterr().out
+    rows, by_user = read_recommendations(out)
+    assert list(rows[0]) == ['user', 'rank', 'item', 'score']
+    assert list(by_user) == [str(original_user(u)) for u in range(50)]  # every user, ascending, original id
+    items = set(data['smap'])
+    overlap = 0
+    for u in range(50):
+        recs = by_user[str(original_user(u))]
+        assert [int(r['rank']) for r in recs] == list(range(1, 31))
+        assert all(r['item'] in items for r in recs) and len({r['item'] for r in recs}) == 30
+        scores = [float(r['score']) for r in recs]
+        assert scores == sorted(scores, reverse=True)
+        history = {original_item(i) for i in data['train'][u] + data['val'][u] + data['test'][u]}
+        overlap += len(history & {r['item'] for r in recs})
+    assert (overlap == 0) if exclude else (overlap > 0)  # 30 of 60 items: without exclusion, some repeat
+    # Seeded: the same command gives the same file.
+    assert main.main(argv(out + '2')) == 0
+    with open(out) as a, open(out + '2') as b:
+        assert a.read() == b.read()
+
+
+def test_a_user_with_fewer_than_k_items_left_gets_fewer_rows(tmp_path):
+    torch.manual_seed(0)
+    model = DiffuRec(12, hidden_size=8, num_blocks=1, diffusion_steps=4).eval()
+    histories = [list(range(1, 10)), [3]]  # user 0 has seen 9 of the 12 items
+    inputs = torch.tensor([[0] * (5 - len(h[-5:])) + h[-5:] for h in histories])  # left-padded, L = 5
+    items, scores = top_items(model, inputs, histories, 5, 8, torch.device('cpu'), exclude_history=True)
+    assert set(items[0, :3].tolist()) == {10, 11, 12} and torch.isinf(scores[0, 3:]).all()
+    assert 3 not in items[1].tolist() and 0 not in items[1].tolist() and torch.isfinite(scores[1]).all()
+    path = str(tmp_path / 'r.csv')
+    write_recommendations(path, items, scores, {'u0': 0, 'u1': 1}, {f'i{i}': i for i in range(1, 13)})
+    rows, by_user = read_recommendations(path)
+    assert len(by_user['u0']) == 3 and len(by_user['u1']) == 5
+    assert {r['item'] for r in by_user['u0']} == {'i10', 'i11', 'i12'}
+
+
+def test_recommend_uses_the_kept_model(mapped, tmp_path):
+    _, _, run_dir = mapped
+    checkpoint = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+    kept = {k: v + 1.0 if v.is_floating_point() else v for k, v in checkpoint['model'].items()}
+    for kept_model, expected in ((kept, kept), (None, checkpoint['model'])):
+        copy_dir = tmp_path / ('kept' if kept_model else 'none')
+        copy_dir.mkdir()
+        save_atomic(dict(checkpoint, kept_model=kept_model), str(copy_dir / 'checkpoint.pt'))
+        model, config, _ = load_run(str(copy_dir))
+        assert config['dataset'] == 'mapped' and not model.training
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, expected[name]), name
+
+
+def test_recommend_errors_are_one_line(mapped, tmp_path, capsys):
+    data_dir, data, run_dir = mapped
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'corrupt').mkdir()
+    (tmp_path / 'corrupt' / 'checkpoint.pt').write_bytes(b'not a checkpoint')
+    other = tmp_path / 'other'
+    os.makedirs(other / 'mapped')
+    changed = dict(data, train={u: list(reversed(s)) for u, s in data['train'].items()})
+    with open(other / 'mapped' / 'dataset.pkl', 'wb') as f:
+        pickle.dump(changed, f)
+    for argv, message in (([str(tmp_path / 'missing')], 'no such run directory'),
+                          ([str(tmp_path / 'empty')], 'no checkpoint'),
+                          ([str(tmp_path / 'corrupt')], 'corrupt'),
+                          ([run_dir, '--data_dir', str(other)], 'differs from the data'),
+                          ([run_dir, '--topk', '61'], 'topk'),
+                          ([run_dir, '--seeds', '1', '2'], 'seeds')):
+        assert main.main(['--recommend'] + argv) == 2
+        assert message in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Curves
+# ----------------------------------------------------------------------------------------------------------
+
+def png_size(path):
+    with open(path, 'rb') as f:
+        head = f.read(24)
+    assert head[:8] == b'\x89PNG\r\n\x1a\n'
+    return int.from_bytes(head[16:20], 'big'), int.from_bytes(head[20:24], 'big')
+
+
+def test_run_writes_training_curves(mapped):
+    _, _, run_dir = mapped
+    assert png_size(os.path.join(run_dir, 'curves.png')) == (1100, 400)
+    with open(os.path.join(run_dir, 'log.txt')) as f:
+        assert 'training curves written to' in f.read()
+
+
+def test_curves_without_matplotlib_give_a_notice(tmp_path, monkeypatch):
+    for name in ('matplotlib', 'matplotlib.figure', 'matplotlib.backends.backend_agg'):
+        monkeypatch.setitem(sys.modules, name, None)  # `import` now raises ImportError
+    history = [{'epoch': 1, 'HR@5': 1.0}]
+    assert utils.plot_curves(str(tmp_path / 'c.png'), [2.0, 1.0], history, ['HR@5']) is False
+    lines = []
+    trainer = types.SimpleNamespace(epoch_losses=[2.0, 1.0], history=history, kept_epoch=1)
+    main.write_curves(str(tmp_path), trainer, [5], lines.append)
+    assert lines == ['matplotlib is not installed: no curves.png (pip install matplotlib to get the training curves)']
+    assert not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diversity
+# ----------------------------------------------------------------------------------------------------------
+
+def test_diversity_metrics_by_hand():
+    table = torch.tensor([[0.0, 0.0, 1.0],    # 0: padding
+                          [1.0, 0.0, 0.0],    # 1
+                          [2.0, 0.0, 0.0],    # 2: same direction as 1 (distance 0)
+                          [0.0, 3.0, 0.0],    # 3: orthogonal to 1 (distance 1)
+                          [-1.0, 0.0, 0.0]])  # 4: opposite to 1 (distance 2)
+    categories = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    two = diversity_metrics(torch.tensor([[1, 2], [1, 3]]), table, 4, categories)
+    # ild: (0 + 1) / 2; coverage: items 1, 2, 3 of 4; categories: {a} and {a, b, c}; shown a, b, c of 4.
+    assert two == {'coverage@2': 75.0, 'ild@2': 0.5, 'categories@2': 2.0, 'category_coverage@2': 75.0}
+    three = diversity_metrics(torch.tensor([[1, 3, 4], [0, 1, 2]]), table, 4)
+    # pairs (1,3) 1, (1,4) 2, (3,4) 1 -> 4/3; (0,1) 1, (0,2) 1, (1,2) 0 -> 2/3; the padding row is no item.
+    assert three == {'coverage@3': 100.0, 'ild@3': 1.0}
+    assert diversity_metrics(torch.tensor([[0], [1]]), table, 4) == {'coverage@1': 25.0, 'ild@1': None}
+
+
+def test_category_files_json_and_csv(tmp_path):
+    smap = {'a1': 1, 'a2': 2, 'a3': 3}
+    (tmp_path / 'c.json').write_text(json.dumps({'a1': 'toy', 'a2': ['toy', 'book'], 'zz': 'ignored'}))
+    (tmp_path / 'c.csv').write_text('a1,toy\na2,toy\na2,book\nzz,ignored\n')
+    from_json, names = utils.load_item_categories(str(tmp_path / 'c.json'), smap)
+    from_csv, names_csv = utils.load_item_categories(str(tmp_path / 'c.csv'), smap)
+    assert names == names_csv == ['book', 'toy']
+    assert torch.equal(from_json, from_csv)
+    assert from_json.tolist() == [[False, False], [False, True], [True, True], [False, False]]
+    for name, text, message in (('none.csv', 'x,toy\n', 'none of its 1 entries'),
+                                ('bad.csv', 'a1,toy,extra\n', 'fields'),
+                                ('bad.json', '{"a1": ', 'not a readable'),
+                                ('list.json', '[1, 2]', 'JSON object')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(utils.DataError, match=message):
+            utils.load_item_categories(str(tmp_path / name), smap)
+    with pytest.raises(utils.DataError, match='cannot read'):
+        utils.load_item_categories(str(tmp_path / 'missing.csv'), smap)
+
+
+def test_results_report_diversity(mapped):
+    _, _, run_dir = mapped
+    diversity = read_json(os.path.join(run_dir, 'results.json'))['diversity']
+    assert set(diversity) == {'coverage@20', 'ild@20', 'categories@20', 'category_coverage@20'}
+    assert 0 < diversity['coverage@20'] <= 100 and 0 < diversity['ild@20'] < 2
+    assert 1 <= diversity['categories@20'] <= 4 and diversity['category_coverage@20'] == 100.0
+
+
+def test_missing_category_file_is_one_line(tmp_path, capsys):
+    assert main.main(['--dataset', 'synthetic', '--category_file', str(tmp_path / 'nope.json'),
+                      '--out_dir', str(tmp_path / 'run')] + FAST) == 2
+    assert 'nope.json' in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several seeds
+# ----------------------------------------------------------------------------------------------------------
+
+def test_seeds_run_once_per_seed_and_aggregate(tmp_path, capsys):
+    out = tmp_path / 'multi'
+    assert main.main(['--dataset', 'synthetic', '--seeds', '3', '4', '--out_dir', str(out)] + FAST) == 0
+    printed = capsys.readouterr().out
+    runs = {s: read_json(out / f'seed_{s}' / 'results.json') for s in (3, 4)}
+    assert [runs[s]['config']['random_seed'] for s in (3, 4)] == [3, 4]
+    aggregate = read_json(out / 'aggregate.json')
+    assert aggregate['seeds'] == [3, 4]
+    assert set(aggregate['metrics']) == set(runs[3]['test']) | set(runs[3]['diversity'])
+    for name, m in aggregate['metrics'].items():
+        values = [runs[s]['test'].get(name, runs[s]['diversity'].get(name)) for s in (3, 4)]
+        assert m['values'] == values
+        assert m['mean'] == pytest.approx(statistics.mean(values), abs=1e-4)
+        assert m['std'] == pytest.approx(statistics.stdev(values), abs=1e-4)
+        assert f'{m["mean"]:10.4f} +- {m["std"]:.4f}' in printed
+    assert any(m['std'] > 0 for m in aggregate['metrics'].values())  # the seeds really differ
+
+
+def test_seeds_errors(tmp_path, capsys):
+    assert main.main(['--dataset', 'synthetic', '--seeds', '3', '3', '--out_dir', str(tmp_path)] + FAST) == 2
+    assert 'twice' in one_error_line(capsys)
+    assert main.aggregate_results({7: {'dataset': 'd', 'test': {'HR@5': 2.0}, 'diversity': {'ild@1': None}}}) == \
+        {'dataset': 'd', 'seeds': [7], 'std': 'sample standard deviation (n - 1)',
+         'metrics': {'HR@5': {'mean': 2.0, 'std': None, 'values': [2.0]}}}
