@@ -92,12 +92,13 @@ def bench_model(name, model, samples, cfg, device, precision, plain=None):
         optimizer.step()
 
     eval_rows = torch.arange(min(B, len(val_y)), device=device)
+    # Evaluation as trainer.evaluate runs it: with bf16, a copy whose approximator computes in bf16.
+    scorer = model.low_precision_copy() if precision == 'bf16' and plain is None else runner
 
     @torch.inference_mode()
     def eval_batch():
-        runner.eval()
-        with autocast(device, precision):
-            runner.scores(val_x[eval_rows])
+        scorer.eval()
+        scorer.scores(val_x[eval_rows])
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)

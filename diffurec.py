@@ -273,7 +273,7 @@ class MultiHeadAttention(nn.Module):
         q_in = x[:, -1:] if last_only else x
         q = self.q(q_in)
         if query_keep is not None:
-            q = q * (query_keep[:, -1:] if last_only else query_keep)
+            q = q * (query_keep[:, -1:] if last_only else query_keep).to(q.dtype)
         if attn_mask is not None and last_only:
             attn_mask = attn_mask[:, :, -1:]
         q, k, v = self._split(q), self._split(self.k(x)), self._split(self.v(x))
@@ -350,7 +350,7 @@ class NoisyInput(nn.Module):
 
     def noisy_input(self, h, x_t, t_scaled, lam=None):
         """h (B, L, d), x_t (B, d), t_scaled (B,) float -> u (B, L, d)."""
-        z = x_t + self.time_mlp(timestep_embedding(t_scaled, self.hidden_size))  # (B, d)
+        z = x_t + self.time_mlp(timestep_embedding(t_scaled, self.hidden_size).to(x_t.dtype))  # (B, d)
         if lam is None:
             lam = torch.randn_like(h).mul_(self.lambda_uncertainty).add_(self.lambda_uncertainty)
         return h + lam * z[:, None, :]

@@ -4,6 +4,8 @@ Training (spec section 3): x_0 = E[label], t ~ sampler, x_t = q_sample(x_0, t, e
 loss = cross-entropy(x0_hat E^T, label) over all n_items + 1 rows.
 Inference: x_0 from the reverse process, scores = x_0 E^T ("inner") or minus the squared distance ("routing").
 """
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,6 +14,18 @@ from diffurec import Dropout, GaussianDiffusion, build_approximator, get_named_b
 from step_sample import create_named_schedule_sampler
 
 ROUNDINGS = ('inner', 'routing')
+
+
+class CastingApproximator(nn.Module):
+    """Runs `approximator` (already converted to `dtype`) on float32 inputs and returns float32."""
+
+    def __init__(self, approximator, dtype):
+        super().__init__()
+        self.inner, self.dtype = approximator, dtype
+
+    def forward(self, h, x_t, t_scaled, mask, lam=None):
+        lam = None if lam is None else lam.to(self.dtype)
+        return self.inner(h.to(self.dtype), x_t.to(self.dtype), t_scaled, mask, lam=lam).float()
 
 
 class DiffuRec(nn.Module):
@@ -83,6 +97,17 @@ class DiffuRec(nn.Module):
         h, mask = self.embed(seq)
         diffusion = self.diffusion if sample_steps is None else self.diffusion.respaced(sample_steps)
         return diffusion.p_sample_loop(self.approximator, h, mask, x_T=x_T)
+
+    def low_precision_copy(self, dtype=torch.bfloat16):
+        """A copy for sampling whose approximator computes in `dtype` throughout (its weights too).
+
+        Under autocast every layer casts its float32 input and output, which costs more than the bf16
+        arithmetic saves on a CPU; here only the approximator's inputs and output are cast, and the reverse
+        process (x_t, the schedule constants) and the scores stay float32.
+        """
+        model = copy.deepcopy(self)
+        model.approximator = CastingApproximator(model.approximator.to(dtype), dtype)
+        return model
 
     @torch.no_grad()
     def scores(self, seq, exclude_history=False, sample_steps=None):

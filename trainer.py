@@ -129,6 +129,8 @@ def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batc
     processes, so the result equals a single-process evaluation.
     """
     model.eval()
+    if precision == 'bf16':  # the approximator in bf16 throughout; the reverse process stays float32
+        model = model.low_precision_copy(torch.bfloat16)
     n_batches = math.ceil(len(labels) / batch_size)
     if limit_batches:
         n_batches = min(n_batches, limit_batches)
@@ -144,8 +146,7 @@ def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batc
         if len(rows) == 0:
             continue
         seq, label = inputs[rows].to(device, non_blocking=True), labels[rows].to(device, non_blocking=True)
-        with autocast(device, precision):
-            scores = model.scores(seq, exclude_history=exclude_history, sample_steps=sample_steps)
+        scores = model.scores(seq, exclude_history=exclude_history, sample_steps=sample_steps)
         sums[b] = rank_metrics(label_ranks(scores.float(), label), ks).sum(0)
         counts[b] = len(rows)
         if topk_items is not None:

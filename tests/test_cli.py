@@ -138,3 +138,16 @@ def test_reference_defaults_are_kept():
     assert main.parse_config(['--no-rescale_timesteps']).rescale_timesteps is False
     with pytest.raises(SystemExit):  # booleans are real booleans: no "--long_head False"
         main.parse_config(['--long_head', 'False'])
+
+
+def test_bf16_run_reaches_fp32_metrics_within_noise(tmp_path):
+    """A short bf16 run (autocast training, bf16 approximator when sampling) learns as well as fp32."""
+    results_by = {}
+    for precision in ('fp32', 'bf16'):
+        out = str(tmp_path / precision)
+        assert main.main(['--dataset', 'synthetic', '--epochs', '6', '--eval_interval', '5', '--lr', '0.01',
+                          '--precision', precision, '--out_dir', out] + TINY) == 0
+        results_by[precision] = read_results(out)['test']
+    assert results_by['fp32']['HR@10'] > 40
+    for metric in ('HR@10', 'NDCG@10'):
+        assert abs(results_by['bf16'][metric] - results_by['fp32'][metric]) < 8, results_by

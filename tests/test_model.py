@@ -141,3 +141,27 @@ def test_metric_golden_example():
     per_row = rank_metrics(label_ranks(scores, torch.tensor([3, 2, 0])), [1, 2, 5]).mean(0)
     expected = [0, 1 / 3, 2 / 3, 0, 0.2103099, 0.3392608]  # HR@1, HR@2, HR@5, NDCG@1, NDCG@2, NDCG@5
     torch.testing.assert_close(per_row, torch.tensor(expected, dtype=torch.float64), atol=1e-7, rtol=0)
+
+
+def test_bf16_sampling_copy_stays_close_to_fp32():
+    """The bf16 evaluation path: same function up to bf16 rounding, float32 in and out, the original untouched."""
+    model = small_model().eval()
+    low = model.low_precision_copy()
+    assert model.approximator.out_ln.weight.dtype == torch.float32
+    seq, _ = batch()
+    h, m = model.embed(seq)
+    x_t, t = torch.randn(len(seq), 16), torch.full((len(seq),), 3)
+    lam = torch.full((len(seq), 7, 16), 0.001)
+    ts = model.diffusion.scale_timesteps(t)
+    ref = model.approximator(h, x_t, ts, m, lam=lam)
+    out = low.approximator(h, x_t, ts, m, lam=lam)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)  # bf16 keeps about 3 significant digits
+    torch.manual_seed(3)
+    s32 = model.scores(seq)
+    torch.manual_seed(3)
+    s16 = low.scores(seq)
+    assert s16.dtype == torch.float32
+    top32, top16 = s32.topk(5).indices, s16.topk(5).indices
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top32, top16)) / top32.numel()
+    assert overlap >= 0.8
