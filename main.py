@@ -85,7 +85,8 @@ def build_parser():
     train.add_argument('--update_lossaware', action='store_true',
                        help='feed per-sample losses to the lossaware sampler (the reference never does)')
     train.add_argument('--random_seed', type=int, default=1997, help='seed of every generator')
-    train.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'], help='bf16 runs under autocast')
+    train.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
+                       help='bf16: training under autocast, evaluation with a bf16 copy of the approximator')
     train.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA)')
 
     ev = p.add_argument_group('evaluation and model selection')
