@@ -97,6 +97,7 @@ class GaussianDiffusion(nn.Module):
         betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(betas)
         self.rescale_timesteps = rescale_timesteps
+        self._respaced = {}  # K -> RespacedDiffusion, see respaced()
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -165,7 +166,9 @@ class GaussianDiffusion(nn.Module):
         self when steps == T (so that K = T is exactly the full process, not a float64 recomputation of it)."""
         if steps == self.num_timesteps:
             return self
-        return RespacedDiffusion(self, steps).to(self.betas.device)
+        if steps not in self._respaced:  # built once per K, not at every batch
+            self._respaced[steps] = RespacedDiffusion(self, steps)
+        return self._respaced[steps].to(self.betas.device)
 
 
 def respaced_timesteps(num_steps, steps):

@@ -19,7 +19,7 @@ import torch
 import utils
 from model import DiffuRec
 from recommend import recommend
-from trainer import (RunStopped, Trainer, diversity_metrics, evaluate, format_metrics, kept_selection, load_checkpoint,
+from trainer import (RunStopped, Trainer, diversity_metrics, kept_selection, load_checkpoint,
                      metric_names, metrics_table)
 
 METRIC_CHOICES = ('batch', 'user')
@@ -358,10 +358,7 @@ def run(cfg):
         groups = {}
         for name, (inputs, labels) in utils.group_users(data, cfg.max_len).items():
             if len(labels):
-                groups[name] = evaluate(final, inputs, labels, cfg.metric_ks, cfg.batch_size, device,
-                                        metric_average=cfg.metric_average, exclude_history=cfg.exclude_history,
-                                        precision=cfg.precision, limit_batches=cfg.limit_eval_batches, desc=name,
-                                        sample_steps=cfg.sample_steps, rank=rank, world=world)
+                groups[name] = trainer.evaluate(name, model=final, data=(inputs, labels))
                 groups[name]['users'] = len(labels)
         results['long_head'] = groups
         log('group analysis\n' + metrics_table({k: {m: v[m] for m in metric_names(cfg.metric_ks)}

@@ -404,9 +404,10 @@ class Trainer:
         if hasattr(self.module.sampler, 'update_with_all_losses'):
             self.module.sampler.update_with_all_losses(t.cpu().numpy(), losses.cpu().numpy())
 
-    def evaluate(self, split, model=None, stop=None, topk_items=None):
-        """Metrics of `model` (default: the current one) on a split of self.samples."""
-        inputs, labels = self.samples[split]
+    def evaluate(self, split, model=None, stop=None, topk_items=None, data=None):
+        """Metrics of `model` (default: the current one) on a split of self.samples, or on `data`
+        (inputs, labels) under the name `split` (the --long_head groups), with the run's settings."""
+        inputs, labels = self.samples[split] if data is None else data
         return evaluate(model or self.module, inputs, labels, self.ks, self.cfg.batch_size, self.device,
                         metric_average=self.cfg.metric_average, exclude_history=self.cfg.exclude_history,
                         precision=self.cfg.precision, limit_batches=self.cfg.limit_eval_batches,
