@@ -444,6 +444,7 @@ def run_command(cfg):
 
 
 def main(argv=None):
+    utils.keep_freed_memory()
     try:
         run_command(parse_config(argv))
     except (ValueError, utils.DataError) as e:

@@ -2,7 +2,7 @@
 
 Data: where the datasets come from, how they are fetched and checked, and how
 they are turned into the tensors the model trains on. Run time: seeding and RNG
-state, device choice, gathering across processes, the run log.
+state, the allocator, device choice, gathering across processes, the run log.
 
 * ``load_dataset(name)`` returns the pickled dict of DIFFUREC_SPEC.md section 1
   (keys ``train``, ``val``, ``test``, ``umap``, ``smap``), downloading the
@@ -536,7 +536,7 @@ def group_users(data, max_len=50):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Run-time helpers: seeding and RNG state, device choice, processes, the run log
+# Run-time helpers: seeding and RNG state, memory, device choice, processes, the run log
 # ----------------------------------------------------------------------------------------------------------
 
 def set_seed(seed):
@@ -568,6 +568,28 @@ def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    By default every block over 32 MiB (an FFN activation at the defaults is 52 MB) is mapped anew at each
+    allocation and unmapped when freed, so it is paid again in page faults each time: the 52 MB output of the
+    first feed-forward product takes 37 ms instead of 20 ms, and a CPU training step at the amazon_beauty
+    defaults about 8% longer (five alternated processes each). The price: the process never shrinks.
+    Linux with glibc only; returns whether the setting took.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def choose_device(name='auto', local_rank=0):

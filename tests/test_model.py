@@ -1,4 +1,8 @@
 """The fast model against the plain spec implementation (tests/spec_reference.py), and the reference quirks."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -6,6 +10,8 @@ from diffurec import Dropout, keep_mask
 from model import DiffuRec
 from spec_reference import PlainApproximator, plain_embed, plain_reverse
 from trainer import label_ranks, rank_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_model(mask='query', n_items=30, d=16, blocks=2, **kw):
@@ -165,3 +171,28 @@ def test_bf16_sampling_copy_stays_close_to_fp32():
     top32, top16 = s32.topk(5).indices, s16.topk(5).indices
     overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top32, top16)) / top32.numel()
     assert overlap >= 0.8
+
+
+ALLOCATE_64MB_REPEATEDLY = '''
+import resource, sys, torch, utils
+if sys.argv[1] == "keep":
+    assert utils.keep_freed_memory()
+for _ in range(8):
+    torch.ones(2 ** 24)  # warm-up: the heap grows until freed blocks fit the aligned requests
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    torch.ones(2 ** 24)  # 64 MiB, written, freed
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc settings')
+def test_freed_memory_is_reused_without_page_faults():
+    """keep_freed_memory (main.py and bench.py call it): a large block freed and allocated again costs no new
+    page faults; without it, glibc unmaps and maps each one anew (16,384 pages of 4 KiB per 64 MiB)."""
+    def faults(mode):
+        out = subprocess.run([sys.executable, '-c', ALLOCATE_64MB_REPEATEDLY, mode], capture_output=True,
+                             text=True, cwd=ROOT, check=True)
+        return int(out.stdout.strip())
+    assert faults('default') > 4 * 16384 / 2
+    assert faults('keep') < 1000
