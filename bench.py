@@ -3,10 +3,13 @@
     python bench.py --dataset amazon_beauty --steps 10 --eval_batches 2
     python bench.py --dataset amazon_beauty --precision bf16 --json bench.json
     python bench.py --dataset amazon_beauty --compare      # also time the plain spec implementation
+    python bench.py --dataset amazon_beauty --profile 15   # and the 15 costliest operators of each
 
 Takes every model flag of main.py. A training step is forward, backward and optimizer step on a batch of
 `--batch_size` training samples; an evaluation batch is the full reverse process (T steps) and the
 scoring of `--batch_size` validation users. Times are medians over the measured steps, after warm-up.
+It also measures what bounds them on this machine: the rate of the model's matrix products in fp32 and bf16
+and of the random number generator, and the time the matrix products alone would take at those rates.
 """
 import json
 import os
@@ -35,6 +38,8 @@ def parse_args(argv=None):
     bench.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     bench.add_argument('--compare', action='store_true', help='also time the plain spec implementation')
     bench.add_argument('--json', default=None, metavar='PATH', help='also write the figures as JSON')
+    bench.add_argument('--profile', type=int, default=0, metavar='N',
+                       help='also profile one training step and one evaluation batch: their N costliest operators')
     return parser.parse_args(argv)
 
 
@@ -69,8 +74,8 @@ def peak_memory_mb(device):
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # whole process, KiB -> MiB
 
 
-def bench_model(name, model, samples, cfg, device, precision, plain=None):
-    """Time training steps and evaluation batches of `model` (or of its plain re-implementation)."""
+def make_steps(model, samples, cfg, device, precision, plain=None):
+    """A training step and an evaluation batch of `model` (or of its plain re-implementation), as closures."""
     train_x, train_y = samples['train']
     val_x, val_y = samples['val']
     B = cfg.batch_size
@@ -100,12 +105,70 @@ def bench_model(name, model, samples, cfg, device, precision, plain=None):
         scorer.eval()
         scorer.scores(val_x[eval_rows])
 
+    return train_step, eval_batch, len(eval_rows)
+
+
+def bench_model(name, model, samples, cfg, device, precision, plain=None):
+    """Time training steps and evaluation batches of `model` (or of its plain re-implementation)."""
+    train_step, eval_batch, users = make_steps(model, samples, cfg, device, precision, plain)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    train = summary(timed(train_step, cfg.steps, cfg.warmup, device), B)
-    evaluation = summary(timed(eval_batch, cfg.eval_batches, min(cfg.warmup, 1), device), len(eval_rows))
+    train = summary(timed(train_step, cfg.steps, cfg.warmup, device), cfg.batch_size)
+    evaluation = summary(timed(eval_batch, cfg.eval_batches, min(cfg.warmup, 1), device), users)
     return {'name': name, 'precision': precision, 'train_step': train, 'eval_batch': evaluation,
             'peak_memory_mb': peak_memory_mb(device)}
+
+
+def profile_ops(fn, device, top):
+    """The `top` operators of one call of fn by their own time: [{op, self_ms, share, calls}]."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == 'cuda'
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        sync(device)
+    events = [e for e in prof.key_averages() if not e.key.startswith('ProfilerStep')]
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in events) or 1
+    ranked = sorted(events, key=own, reverse=True)[:top]
+    return [{'op': e.key, 'self_ms': round(own(e) / 1000, 1), 'share': round(own(e) / total, 3), 'calls': e.count}
+            for e in ranked]
+
+
+def profile_table(title, ops):
+    lines = [title, f'{"operator":48s}{"self ms":>10s}{"share":>8s}{"calls":>7s}']
+    lines += [f'{o["op"][:47]:48s}{o["self_ms"]:10.1f}{o["share"]:8.1%}{o["calls"]:7d}' for o in ops]
+    return '\n'.join(lines)
+
+
+def machine_rates(device, repeats=5):
+    """What the machine does at the model's typical shapes: GFLOP/s of a 25600 x 128 by 128 x 512 product
+    (the first feed-forward layer on a batch of 512 x 50 tokens at d = 128) in fp32 and bf16, and millions
+    of 64-bit random words a second from torch's generator (the dropout masks and lambda draw from it)."""
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(25600, 128, device=device, dtype=dtype)
+        b = torch.randn(128, 512, device=device, dtype=dtype)
+        seconds = statistics.median(timed(lambda: a @ b, repeats, 1, device))
+        rates[f'gemm_gflops_{str(dtype)[6:]}'] = round(2 * 25600 * 128 * 512 / seconds / 1e9)
+    words = torch.empty(2 ** 21, dtype=torch.int64, device=device)
+    seconds = statistics.median(timed(lambda: words.random_(-2 ** 63, 2 ** 63 - 1), repeats, 1, device))
+    rates['random_mwords_per_s'] = round(words.numel() / seconds / 1e6)
+    return rates
+
+
+def matmul_gflop(cfg, n_items):
+    """Matrix-product work (GFLOP, 2 per multiply-add) of a training step and of an evaluation batch of the
+    transformer approximator. Multiply-adds of a forward pass: per token and full block 12 d^2 (q, k, v, out:
+    4 d^2; W1, W2: 8 d^2) and 2 L d of attention; the last block computes keys and values for every token and
+    the rest for the last position only; the time MLP 8 d^2 per sequence. Training is forward and backward
+    (3x) with the logits; evaluation is T forward passes and the logits once."""
+    d, L, B = cfg.hidden_size, cfg.max_len, cfg.batch_size
+    tokens = B * L
+    full_blocks = (cfg.num_blocks - 1) * tokens * (12 * d * d + 2 * L * d)
+    forward = full_blocks + tokens * 2 * d * d + B * (10 * d * d + 2 * L * d) + B * 8 * d * d
+    logits = B * d * (n_items + 1)
+    return {'train_step': 2 * 3 * (forward + logits) / 1e9,
+            'eval_batch': 2 * (cfg.diffusion_steps * forward + logits) / 1e9}
 
 
 def table(rows):
@@ -125,6 +188,7 @@ def span(s):
 
 
 def main(argv=None):
+    utils.keep_freed_memory()  # as main.py does
     cfg = parse_args(argv)
     try:
         check_config(cfg)
@@ -156,6 +220,26 @@ def main(argv=None):
               'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
               'threads': torch.get_num_threads(), 'torch_version': torch.__version__, 'compile': cfg.compile,
               'config': utils.config_dict(cfg), 'results': rows}
+    rates = machine_rates(device)
+    report['machine'] = rates
+    print(f'machine: products of 25600 x 128 by 128 x 512 at {rates["gemm_gflops_float32"]} GFLOP/s in fp32 and '
+          f'{rates["gemm_gflops_bfloat16"]} in bf16; {rates["random_mwords_per_s"]} M random 64-bit words/s')
+    if cfg.approximator == 'transformer':
+        work = matmul_gflop(cfg, n_items)
+        floors = {f'{k}_ms_{p}': round(1000 * gflop / rates[f'gemm_gflops_{p}'])
+                  for k, gflop in work.items() for p in ('float32', 'bfloat16')}
+        report['matmul_gflop'], report['matmul_floor'] = work, floors
+        print(f'matrix products alone at those rates: training step {work["train_step"]:.0f} GFLOP = '
+              f'{floors["train_step_ms_float32"]} ms fp32, {floors["train_step_ms_bfloat16"]} ms bf16; evaluation '
+              f'batch {work["eval_batch"]:.0f} GFLOP = {floors["eval_batch_ms_float32"]} ms fp32, '
+              f'{floors["eval_batch_ms_bfloat16"]} ms bf16')
+    if cfg.profile:
+        train_step, eval_batch, _ = make_steps(model, samples, cfg, device, cfg.precision)
+        train_step()  # warm
+        report['profile'] = {'train_step': profile_ops(train_step, device, cfg.profile),
+                             'eval_batch': profile_ops(eval_batch, device, cfg.profile)}
+        print(profile_table('one training step, by own time:', report['profile']['train_step']))
+        print(profile_table('one evaluation batch, by own time:', report['profile']['eval_batch']))
     if cfg.compare:
         fast, ref = rows
         report['speedup'] = {
