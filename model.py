@@ -24,8 +24,9 @@ class CastingApproximator(nn.Module):
         self.inner, self.dtype = approximator, dtype
 
     def forward(self, h, x_t, t_scaled, mask, lam=None):
-        lam = None if lam is None else lam.to(self.dtype)
-        return self.inner(h.to(self.dtype), x_t.to(self.dtype), t_scaled, mask, lam=lam).float()
+        if lam is None:  # drawn in float32: torch's bf16 normal_ takes twice as long on the CPU
+            lam = self.inner.draw_lambda(h)
+        return self.inner(h.to(self.dtype), x_t.to(self.dtype), t_scaled, mask, lam=lam.to(self.dtype)).float()
 
 
 class DiffuRec(nn.Module):
