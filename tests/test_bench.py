@@ -1,5 +1,6 @@
 """bench.py: the table, the JSON report, the profile, and its count of the model's matrix-product work."""
 import json
+import math
 
 import pytest
 import torch
@@ -51,9 +52,12 @@ def test_matmul_work_matches_a_flop_count_of_the_model(blocks):
     model = DiffuRec.from_config(cfg, n_items)
     seq = torch.randint(0, n_items + 1, (cfg.batch_size, cfg.max_len))
     work = bench.matmul_gflop(cfg, n_items)
-    # the counter does not know the CPU's fused attention kernel: count it as the CUDA kernels are counted
+    # the counter does not know the CPU's fused kernels (attention; linear layers with bias, activation or
+    # residual fused in): count them as the plain operators are counted
     fused = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-             lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+             lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+             torch.ops.mkldnn._linear_pointwise:  # both overloads: x (..., K) -> out (..., N)
+             lambda x, *args, out_shape=None, **kwargs: 2 * math.prod(out_shape) * x[-1]}
     with FlopCounterMode(display=False, custom_mapping=fused) as count:
         model.eval().scores(seq)
     assert count.get_total_flops() == pytest.approx(work['eval_batch'] * 1e9, rel=1e-12)

@@ -1,4 +1,5 @@
 """Parity with the reference implementation's own outputs on a tiny model (shared/golden/forward_tiny.json)."""
+import contextlib
 import json
 import os
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffurec import timestep_embedding
+from diffurec import onednn_linear_works, timestep_embedding
 from model import DiffuRec
 
 GOLDEN = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'golden', 'forward_tiny.json')
@@ -44,8 +45,26 @@ def t32(x):
     return torch.tensor(x, dtype=torch.float32)
 
 
-def test_forward_matches_reference(golden):
-    model = golden_model(golden)
+# Inference runs the fused CPU products of diffurec.linear (bias, activation and residual inside oneDNN's
+# product); with autograd recording, the plain layers. Both must give the reference's numbers.
+MODES = pytest.mark.parametrize('inference', [False, True], ids=['autograd', 'inference'])
+
+
+def mode(inference):
+    if not inference:
+        return contextlib.nullcontext()
+    if not onednn_linear_works():  # on such a torch inference runs the plain layers: nothing new to test
+        pytest.skip('this torch has no working torch.ops.mkldnn._linear_pointwise')
+    return torch.inference_mode()
+
+
+@MODES
+def test_forward_matches_reference(golden, inference):
+    with mode(inference):
+        check_forward(golden_model(golden), golden)
+
+
+def check_forward(model, golden):
     inp, out = golden['inputs'], golden['outputs']
     seq, labels = torch.tensor(inp['seq']), torch.tensor(inp['labels'])
     t = torch.tensor(inp['t'])
@@ -62,10 +81,12 @@ def test_forward_matches_reference(golden):
     assert abs(F.cross_entropy(logits, labels).item() - out['loss']) < 1e-4
 
 
-def test_reverse_process_matches_reference(golden):
+@MODES
+def test_reverse_process_matches_reference(golden, inference):
     model = golden_model(golden)
     inp, out = golden['inputs'], golden['outputs']
-    h, mask = model.embed(torch.tensor(inp['seq']))
-    x0 = model.diffusion.p_sample_loop(model.approximator, h, mask, x_T=t32(inp['x_T']),
-                                       step_noise=[t32(n) for n in inp['step_noise']], lam=t32(inp['lambda']))
+    with mode(inference):
+        h, mask = model.embed(torch.tensor(inp['seq']))
+        x0 = model.diffusion.p_sample_loop(model.approximator, h, mask, x_T=t32(inp['x_T']),
+                                           step_noise=[t32(n) for n in inp['step_noise']], lam=t32(inp['lambda']))
     torch.testing.assert_close(x0, t32(out['reverse_x0']), atol=1e-4, rtol=0)
