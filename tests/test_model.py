@@ -82,6 +82,19 @@ def test_fused_inference_products_equal_the_plain_layers(hidden_act):
         fused = model.diffusion.p_sample_loop(model.approximator, h, m, x_T=x_T, step_noise=noise, lam=lam)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
 
+def test_compiled_evaluation_equals_eager():
+    """--compile on the CPU: torch.compile traces the plain layers (the fused oneDNN products are for eager
+    evaluation only; inductor cannot lower them from eager code) and gives the eager numbers."""
+    model = small_model().eval()
+    seq, _ = batch()
+    h, m = model.embed(seq)
+    x_t, ts = torch.randn(len(seq), 16), model.diffusion.scale_timesteps(torch.full((len(seq),), 5))
+    lam = torch.full((len(seq), 7, 16), 0.001)
+    with torch.no_grad():
+        eager = model.approximator(h, x_t, ts, m, lam=lam)
+        compiled = torch.compile(model.approximator)(h, x_t, ts, m, lam=lam)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
 def test_fused_kernel_check_leaves_the_global_generator_alone():
     """The one-time check runs whenever a process first evaluates: drawing from the global generator there
     would make a resumed run draw differently from an uninterrupted one."""
