@@ -316,8 +316,10 @@ def onednn_linear_works():
 
 def compiling():
     """Whether torch.compile is tracing (it fuses by itself, and does not take the fused op from eager code)."""
-    is_compiling = getattr(torch.compiler, 'is_compiling', None)  # torch >= 2.3
-    return bool(is_compiling and is_compiling())
+    is_compiling = getattr(torch.compiler, 'is_compiling', None)
+    if is_compiling is None:  # torch < 2.3
+        from torch._dynamo import is_compiling
+    return bool(is_compiling())
 
 
 def linear(layer, x, activation=None, residual=None):

@@ -82,6 +82,7 @@ def test_fused_inference_products_equal_the_plain_layers(hidden_act):
         fused = model.diffusion.p_sample_loop(model.approximator, h, m, x_T=x_T, step_noise=noise, lam=lam)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
 
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch.compile's own use of torch.jit
 def test_compiled_evaluation_equals_eager():
     """--compile on the CPU: torch.compile traces the plain layers (the fused oneDNN products are for eager
     evaluation only; inductor cannot lower them from eager code) and gives the eager numbers."""
