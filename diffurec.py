@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 SCHEDULES = ('linear', 'trunc_lin', 'pw_lin', 'cosine', 'sqrt', 'trunc_cos')
 ATTENTION_MASKS = ('query', 'key', 'causal')
+WINDOW_GROUP = 128  # sequences a group in CPU evaluation (Approximator.forward)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,13 +266,14 @@ class MultiHeadAttention(nn.Module):
         B, L, d = x.shape
         return x.view(B, L, self.heads, d // self.heads).transpose(1, 2)  # (B, H, L, d/H)
 
-    def forward(self, x, query_keep=None, attn_mask=None, last_only=False, residual=None):
+    def forward(self, x, query_keep=None, attn_mask=None, last_only=False, residual=None, groups=None):
         """x (B, L, d) -> (B, L, d), or (B, 1, d) with last_only; plus `residual` (same shape) if given.
 
         query_keep (B, L, 1) zeroes the queries of padded rows: their scores are then all equal and the
         softmax is uniform over all L positions, exactly what the reference's -1e9 fill of whole query
         rows gives (the MASK QUIRK), while real rows attend to every position with no mask at all.
         attn_mask (B, 1, L, L) bool, True = may attend, is the corrected alternative.
+        groups (query_keep only, no dropout): see windowed_attention.
         """
         B, L, d = x.shape
         q_in = x[:, -1:] if last_only else x
@@ -286,9 +288,29 @@ class MultiHeadAttention(nn.Module):
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float('-inf'))
             y = dropout(scores.softmax(-1), self.dropout, True) @ v
+        elif groups is not None and not last_only:
+            y = windowed_attention(q, k, v, groups)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return linear(self.out, y.transpose(1, 2).reshape(B, q_in.shape[1], d), residual=residual)
+
+
+def windowed_attention(q, k, v, groups):
+    """Attention under the query-row quirk for a batch sorted by history length: q, k, v (B, H, L, d/H) ->
+    (B, H, L, d/H), with queries of padded rows zeroed.
+
+    groups: (start, stop, window) for contiguous rows of the batch, window >= the longest history among them.
+    Histories are left-padded, so the rows before the last `window` are padding in every sequence of the
+    group: their zeroed queries attend uniformly and their output is the mean of the values. Only the last
+    `window` query rows go through the attention kernel (15 of 50 rows take a third of the time on the CPU).
+    """
+    y = torch.empty_like(q)
+    v_mean = v.mean(2, keepdim=True)  # (B, H, 1, d/H)
+    for start, stop, window in groups:
+        rows = slice(start, stop)
+        y[rows, :, -window:] = F.scaled_dot_product_attention(q[rows, :, -window:], k[rows], v[rows])
+        y[rows, :, :-window] = v_mean[rows]
+    return y
 
 
 def gelu(z):
@@ -360,15 +382,16 @@ class TransformerBlock(nn.Module):
             raise ValueError(f'unknown hidden_act {hidden_act!r}; choose gelu or relu')
         self.hidden_act = hidden_act
 
-    def forward(self, x, query_keep=None, attn_mask=None, last_only=False):
-        """x (B, L, d) -> (B, L, d); with last_only only the last position is computed: (B, 1, d)."""
+    def forward(self, x, query_keep=None, attn_mask=None, last_only=False, groups=None):
+        """x (B, L, d) -> (B, L, d); with last_only only the last position is computed: (B, 1, d).
+        groups: for the attention in evaluation (windowed_attention)."""
         residual = x[:, -1:] if last_only else x
         if self.training:
             x = residual + self.dropout(self.attn(self.ln_attn(x), query_keep, attn_mask, last_only))
             hidden = self.dropout(ACTIVATIONS[self.hidden_act](self.w1(self.ln_ffn(x))))
             return self.dropout(x + self.dropout(self.w2(hidden)))
         # evaluation: every dropout is the identity, so the residual sums can go into the output products
-        x = self.attn(self.ln_attn(x), query_keep, attn_mask, last_only, residual=residual)
+        x = self.attn(self.ln_attn(x), query_keep, attn_mask, last_only, residual=residual, groups=groups)
         return linear(self.w2, linear(self.w1, self.ln_ffn(x), self.hidden_act), residual=x)
 
 
@@ -436,11 +459,11 @@ class Approximator(NoisyInput):
         self.dropout = Dropout(dropout)
         self.out_ln = nn.LayerNorm(hidden_size, eps=1e-12)
 
-    def transformer(self, u, mask, last_only=False):
+    def transformer(self, u, mask, last_only=False, groups=None):
         """u (B, L, d), mask (B, L) bool -> out_ln(Drop(blocks(u))): (B, L, d), or (B, 1, d) with last_only."""
         query_keep, attn_mask = attention_mask(mask, self.attention)
         for i, block in enumerate(self.blocks):
-            u = block(u, query_keep, attn_mask, last_only and i == len(self.blocks) - 1)
+            u = block(u, query_keep, attn_mask, last_only and i == len(self.blocks) - 1, groups)
         return self.out_ln(self.dropout(u))
 
     def forward(self, h, x_t, t_scaled, mask, lam=None):
@@ -449,7 +472,18 @@ class Approximator(NoisyInput):
         Only the last position leaves the transformer, so the last block computes only that position.
         """
         u = self.noisy_input(h, x_t, t_scaled, lam)  # (B, L, d)
-        return self.transformer(u, mask, last_only=True)[:, -1]
+        if self.training or self.attention != 'query' or u.device.type != 'cpu':
+            return self.transformer(u, mask, last_only=True)[:, -1]
+        # CPU evaluation: sequences sorted by history length and taken in groups whose attention needs only
+        # their last rows (windowed_attention); the result goes back to the input order
+        lengths = mask.sum(1)
+        order = lengths.argsort()
+        longest = lengths[order].tolist()
+        B = len(longest)
+        groups = [(start, min(start + WINDOW_GROUP, B), max(longest[min(start + WINDOW_GROUP, B) - 1], 1))
+                  for start in range(0, B, WINDOW_GROUP)]
+        x0_hat = self.transformer(u[order], mask[order], last_only=True, groups=groups)[:, -1]
+        return x0_hat[order.argsort()]
 
 
 class GRUApproximator(NoisyInput):

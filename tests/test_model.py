@@ -1,4 +1,5 @@
 """The fast model against the plain spec implementation (tests/spec_reference.py), and the reference quirks."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -103,6 +104,27 @@ def test_fused_kernel_check_leaves_the_global_generator_alone():
     state = torch.get_rng_state()
     onednn_linear_works()
     assert torch.equal(torch.get_rng_state(), state)
+
+@pytest.mark.parametrize('inference', [False, True])
+def test_windowed_attention_of_sorted_groups_equals_plain_spec(monkeypatch, inference):
+    """CPU evaluation sorts the sequences by history length and gives each group's padded rows the mean of
+    the values without scores (diffurec.windowed_attention). Groups of 2 here: windows 3, 5 and 7 of L = 7."""
+    import diffurec
+    monkeypatch.setattr(diffurec, 'WINDOW_GROUP', 2)
+    windows = []
+    full = diffurec.windowed_attention
+    monkeypatch.setattr(diffurec, 'windowed_attention',
+                        lambda q, k, v, groups: windows.append([w for _, _, w in groups]) or full(q, k, v, groups))
+    model = small_model(dropout=0.0, emb_dropout=0.0).eval()
+    plain = PlainApproximator(model.approximator).eval()
+    seq, _ = batch()
+    h, m = model.embed(seq)
+    x_t, ts = torch.randn(len(seq), 16), model.diffusion.scale_timesteps(torch.randint(0, 8, (len(seq),)))
+    lam = torch.randn(len(seq), 7, 16) * 0.5
+    with torch.inference_mode() if inference else contextlib.nullcontext():
+        fast = model.approximator(h, x_t, ts, m, lam=lam)
+    torch.testing.assert_close(fast, plain(h, x_t, ts, m, lam), atol=1e-5, rtol=0)
+    assert windows and all(w == [3, 5, 7] for w in windows)  # every full block; the last block needs none
 
 def test_reverse_process_equals_plain_spec():
     model = small_model(dropout=0.0, emb_dropout=0.0).eval()
