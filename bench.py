@@ -229,9 +229,9 @@ def main(argv=None):
         floors = {f'{k}_ms_{p}': float(f'{1000 * gflop / rates[f"gemm_gflops_{p}"]:.3g}')
                   for k, gflop in work.items() for p in ('float32', 'bfloat16')}
         report['matmul_gflop'], report['matmul_floor'] = work, floors
-        print(f'matrix products alone at those rates: training step {work["train_step"]:.3g} GFLOP = '
+        print(f'matrix products alone at those rates: training step {work["train_step"]:.4g} GFLOP = '
               f'{floors["train_step_ms_float32"]:g} ms fp32, {floors["train_step_ms_bfloat16"]:g} ms bf16; '
-              f'evaluation batch {work["eval_batch"]:.3g} GFLOP = {floors["eval_batch_ms_float32"]:g} ms fp32, '
+              f'evaluation batch {work["eval_batch"]:.4g} GFLOP = {floors["eval_batch_ms_float32"]:g} ms fp32, '
               f'{floors["eval_batch_ms_bfloat16"]:g} ms bf16')
     if cfg.profile:
         train_step, eval_batch, _ = make_steps(model, samples, cfg, device, cfg.precision)
