@@ -478,10 +478,11 @@ class Approximator(NoisyInput):
         # their last rows (windowed_attention); the result goes back to the input order
         lengths = mask.sum(1)
         order = lengths.argsort()
-        longest = lengths[order].tolist()
-        B = len(longest)
-        groups = [(start, min(start + WINDOW_GROUP, B), max(longest[min(start + WINDOW_GROUP, B) - 1], 1))
-                  for start in range(0, B, WINDOW_GROUP)]
+        sorted_lengths = lengths[order].tolist()
+        groups = []  # (start, stop, window): the window is the group's longest history (its last row's)
+        for start in range(0, len(order), WINDOW_GROUP):
+            stop = min(start + WINDOW_GROUP, len(order))
+            groups.append((start, stop, max(sorted_lengths[stop - 1], 1)))
         x0_hat = self.transformer(u[order], mask[order], last_only=True, groups=groups)[:, -1]
         return x0_hat[order.argsort()]
 
