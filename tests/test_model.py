@@ -108,13 +108,16 @@ def test_fused_kernel_check_leaves_the_global_generator_alone():
 @pytest.mark.parametrize('inference', [False, True])
 def test_windowed_attention_of_sorted_groups_equals_plain_spec(monkeypatch, inference):
     """CPU evaluation sorts the sequences by history length and gives each group's padded rows the mean of
-    the values without scores (diffurec.windowed_attention). Groups of 2 here: windows 3, 5 and 7 of L = 7."""
+    the values without scores (MultiHeadAttention.windowed). Groups of 2 here: windows 3, 5 and 7 of L = 7."""
     import diffurec
     monkeypatch.setattr(diffurec, 'WINDOW_GROUP', 2)
     windows = []
-    full = diffurec.windowed_attention
-    monkeypatch.setattr(diffurec, 'windowed_attention',
-                        lambda q, k, v, groups: windows.append([w for _, _, w in groups]) or full(q, k, v, groups))
+    full = diffurec.MultiHeadAttention.windowed
+
+    def spy(self, x, query_keep, k, v, groups):
+        windows.append([w for _, _, w in groups])
+        return full(self, x, query_keep, k, v, groups)
+    monkeypatch.setattr(diffurec.MultiHeadAttention, 'windowed', spy)
     model = small_model(dropout=0.0, emb_dropout=0.0).eval()
     plain = PlainApproximator(model.approximator).eval()
     seq, _ = batch()
