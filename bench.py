@@ -140,16 +140,16 @@ def profile_table(title, ops):
     return '\n'.join(lines)
 
 
-def machine_rates(device, repeats=5):
-    """What the machine does at the model's typical shapes: GFLOP/s of a 25600 x 128 by 128 x 512 product
-    (the first feed-forward layer on a batch of 512 x 50 tokens at d = 128) in fp32 and bf16, and millions
-    of 64-bit random words a second from torch's generator (the dropout masks and lambda draw from it)."""
+def machine_rates(device, rows, width, repeats=5):
+    """What the machine does at the model's shapes: GFLOP/s of the first feed-forward product of a batch,
+    (rows x width) by (width x 4 width), in fp32 and bf16, and millions of 64-bit random words a second
+    from torch's generator (the dropout masks and lambda draw from it)."""
     rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(25600, 128, device=device, dtype=dtype)
-        b = torch.randn(128, 512, device=device, dtype=dtype)
+    for name, dtype in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
+        a = torch.randn(rows, width, device=device, dtype=dtype)
+        b = torch.randn(width, 4 * width, device=device, dtype=dtype)
         seconds = statistics.median(timed(lambda: a @ b, repeats, 1, device))
-        rates[f'gemm_gflops_{str(dtype)[6:]}'] = round(2 * 25600 * 128 * 512 / seconds / 1e9)
+        rates[f'gemm_gflops_{name}'] = round(2 * rows * width * 4 * width / seconds / 1e9, 1)
     words = torch.empty(2 ** 21, dtype=torch.int64, device=device)
     seconds = statistics.median(timed(lambda: words.random_(-2 ** 63, 2 ** 63 - 1), repeats, 1, device))
     rates['random_mwords_per_s'] = round(words.numel() / seconds / 1e6)
@@ -220,10 +220,12 @@ def main(argv=None):
               'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
               'threads': torch.get_num_threads(), 'torch_version': torch.__version__, 'compile': cfg.compile,
               'config': utils.config_dict(cfg), 'results': rows}
-    rates = machine_rates(device)
+    tokens, width = cfg.batch_size * cfg.max_len, cfg.hidden_size
+    rates = machine_rates(device, tokens, width)
     report['machine'] = rates
-    print(f'machine: products of 25600 x 128 by 128 x 512 at {rates["gemm_gflops_float32"]} GFLOP/s in fp32 and '
-          f'{rates["gemm_gflops_bfloat16"]} in bf16; {rates["random_mwords_per_s"]} M random 64-bit words/s')
+    print(f'machine: products of {tokens} x {width} by {width} x {4 * width} at {rates["gemm_gflops_float32"]:g} '
+          f'GFLOP/s in fp32 and {rates["gemm_gflops_bfloat16"]:g} in bf16; '
+          f'{rates["random_mwords_per_s"]} M random 64-bit words/s')
     if cfg.approximator == 'transformer':
         work = matmul_gflop(cfg, n_items)
         floors = {f'{k}_ms_{p}': float(f'{1000 * gflop / rates[f"gemm_gflops_{p}"]:.3g}')
