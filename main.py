@@ -17,7 +17,8 @@ import warnings
 import torch
 
 import utils
-from model import DiffuRec
+from model import MODELS, build_model
+from sasrec import sequence_samples
 from recommend import recommend
 from trainer import (RunStopped, Trainer, diversity_metrics, kept_selection, load_checkpoint,
                      metric_names, metrics_table)
@@ -45,6 +46,9 @@ def build_parser():
     data.add_argument('--max_len', type=positive_int, default=50, help='history length L (older items are cut)')
 
     model = p.add_argument_group('model')
+    model.add_argument('--model', default='diffurec', choices=list(MODELS),
+                       help='diffurec, or sasrec: the SASRec baseline trained with full cross-entropy, whose '
+                            'defaults for flags not given are ' + ', '.join(f'{k} {v}' for k, v in SASREC_PRESET.items()))
     model.add_argument('--hidden_size', type=positive_int, default=128, help='embedding size d')
     model.add_argument('--heads', type=positive_int, default=4, help='attention heads (the reference fixes 4)')
     model.add_argument('--num_blocks', type=positive_int, default=4, help='transformer blocks of the Approximator')
@@ -136,6 +140,15 @@ def build_parser():
 
 # `--dataset synthetic` is for trying the pipeline in about a minute on a CPU: a smaller model and a shorter
 # schedule, used for every flag not given on the command line.
+# `--model sasrec`: SASRec's defaults from the literature (docs/sasrec.md gives the sources), used for every flag
+# not given on the command line. Its validation is one forward pass per user, cheap enough to run often.
+SASREC_PRESET = dict(hidden_size=64, num_blocks=2, heads=1, dropout=0.2, emb_dropout=0.2, hidden_act='relu',
+                     batch_size=128, epochs=200, eval_interval=2, patience=5)
+# Flags that configure the diffusion alone; given with --model sasrec they are an error, not silently ignored.
+DIFFUREC_ONLY = ('diffusion_steps', 'noise_schedule', 'schedule_sampler_name', 'lambda_uncertainty',
+                 'rescale_timesteps', 'attention_mask', 'rounding', 'approximator', 'sample_steps',
+                 'eval_sample_steps', 'update_lossaware')
+
 SYNTHETIC_PRESET = dict(hidden_size=64, num_blocks=2, batch_size=256, epochs=20, eval_interval=5, patience=2)
 
 STRICT = dict(attention_mask='key', rank_padding=False, exclude_history=True, metric_average='user',
@@ -174,14 +187,22 @@ def parse_config(argv=None):
     """Flags -> config namespace. With --resume, the run's saved config, after checking the given flags."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    if known.dataset == 'synthetic':
+    if known.model == 'sasrec':
+        parser.set_defaults(**SASREC_PRESET)
+    if known.dataset == 'synthetic':  # after SASRec's: the short schedule wins
         parser.set_defaults(**SYNTHETIC_PRESET)
     cfg = parser.parse_args(argv)
     if cfg.resume:
         return resumed_config(cfg, given_flags(parser, argv))
+    if cfg.model == 'sasrec':
+        misplaced = [name for name in DIFFUREC_ONLY if name in given_flags(parser, argv)]
+        if misplaced:
+            raise ValueError(f'--{misplaced[0]} configures DiffuRec\'s diffusion and does not apply to --model sasrec; '
+                             f'drop it')
     if cfg.strict:
         for key, value in STRICT.items():
-            setattr(cfg, key, value)
+            if not (cfg.model == 'sasrec' and key in DIFFUREC_ONLY):  # SASRec's attention is causal already
+                setattr(cfg, key, value)
     cfg.optimizer = {'adam': 'Adam', 'sgd': 'SGD'}.get(cfg.optimizer.lower(), cfg.optimizer)
     cfg.metric_ks = sorted(set(cfg.metric_ks))
     return cfg
@@ -201,7 +222,7 @@ RESUME_MAY_CHANGE = {'resume', 'device', 'num_gpu', 'data_dir', 'log_file', 'des
 def resumed_config(cfg, given):
     """The config saved in cfg.resume's checkpoint; a given flag that would change it is refused by name."""
     state = load_checkpoint(os.path.join(cfg.resume, 'checkpoint.pt'))
-    saved = argparse.Namespace(**state['config'])
+    saved = argparse.Namespace(**{'model': 'diffurec', **state['config']})  # runs from before --model: DiffuRec
     differ = sorted(name for name in given - RESUME_MAY_CHANGE if getattr(cfg, name) != getattr(saved, name, None))
     if differ:
         raise ValueError(f'--resume {cfg.resume}: the run was made with ' + ', '.join(
@@ -293,7 +314,9 @@ def run(cfg):
     if max(cfg.metric_ks) > n_items:
         raise ValueError(f'--metric_ks {max(cfg.metric_ks)} exceeds the {n_items} items of {cfg.dataset}')
     samples = utils.build_samples(data, cfg.max_len)
-    data_checksum = utils.samples_checksum(*samples['train'])
+    data_checksum = utils.samples_checksum(*samples['train'])  # of the prefix samples, whatever the model
+    if cfg.model == 'sasrec':  # SASRec learns from every position of a history at once: one row per user
+        samples['train'] = sequence_samples(data, cfg.max_len)
     samples = {split: (x.to(device), y.to(device)) for split, (x, y) in samples.items()}  # once, not per batch
     item_categories = utils.load_item_categories(cfg.category_file, data['smap'])[0] if cfg.category_file else None
 
@@ -307,8 +330,8 @@ def run(cfg):
     if rank == 0:
         write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))
 
-    model = DiffuRec.from_config(cfg, n_items).to(device)
-    if cfg.compile:
+    model = build_model(cfg, n_items).to(device)
+    if cfg.compile and cfg.model == 'diffurec':
         model.approximator.compile()  # in place: the state dict keeps its names
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if world > 1:
@@ -316,8 +339,8 @@ def run(cfg):
         # own timesteps, noise and dropout: its seed is drawn alike everywhere and picked by rank.
         utils.set_seed(int(torch.randint(2 ** 31 - 1, (world,))[rank]))
     smoke = bool(cfg.limit_train_batches or cfg.limit_eval_batches)
-    log(f'DiffuRec on {cfg.dataset}: {len(data["train"])} users, {n_items} items, '
-        f'{len(samples["train"][1])} training samples; {n_params:,} parameters; device {device}; run dir {run_dir}'
+    log(f'{"SASRec" if cfg.model == "sasrec" else "DiffuRec"} on {cfg.dataset}: {len(data["train"])} users, '
+        f'{n_items} items, {len(samples["train"][1])} training samples; {n_params:,} parameters; device {device}; run dir {run_dir}'
         + (f'; {world} processes, {cfg.batch_size // world} rows each per batch' if world > 1 else ''))
     if smoke:
         log('smoke run: --limit_train_batches/--limit_eval_batches set, results are marked smoke')
@@ -342,7 +365,7 @@ def run(cfg):
     log('diversity of the test top-K: ' + '  '.join(f'{k} {v}' for k, v in diversity.items()))
 
     results = {
-        'dataset': cfg.dataset, 'config': utils.config_dict(cfg), 'test': test,
+        'model': cfg.model, 'dataset': cfg.dataset, 'config': utils.config_dict(cfg), 'test': test,
         'best_valid': trainer.best, 'best_epoch': trainer.best_epoch, 'kept_epoch': trainer.kept_epoch,
         'selection': selection, 'diversity': diversity,
         'epochs_run': len(trainer.epoch_seconds), 'stopped_early': trainer.stopped_early,

@@ -37,6 +37,8 @@ class DiffuRec(nn.Module):
       rank_padding=True       the padding row takes part in the softmax of the loss and in the ranking
     """
 
+    name = 'diffurec'
+
     def __init__(self, n_items, hidden_size=128, num_blocks=4, heads=4, dropout=0.1, emb_dropout=0.3,
                  lambda_uncertainty=0.001, hidden_act='gelu', diffusion_steps=32, noise_schedule='trunc_lin',
                  rescale_timesteps=True, schedule_sampler_name='lossaware', attention_mask='query',
@@ -55,6 +57,11 @@ class DiffuRec(nn.Module):
         self.approximator = build_approximator(approximator, hidden_size, num_blocks, heads, dropout,
                                                lambda_uncertainty, hidden_act, attention_mask)
         self.sampler = create_named_schedule_sampler(schedule_sampler_name, diffusion_steps)
+
+    @staticmethod
+    def loss_units(labels):
+        """What one training row weighs in the batch mean: one sample, one unit."""
+        return len(labels)
 
     @classmethod
     def from_config(cls, cfg, n_items):
@@ -122,8 +129,28 @@ class DiffuRec(nn.Module):
             scores = -dist.clamp(min=0.0)
             if not self.rank_padding:
                 scores[:, 0] = float('-inf')
-        if exclude_history:
-            padding_column = scores[:, 0].clone()
-            scores.scatter_(1, seq, float('-inf'))
-            scores[:, 0] = padding_column  # padding is governed by rank_padding, not by history
-        return scores
+        return mask_history(scores, seq) if exclude_history else scores
+
+
+def mask_history(scores, seq):
+    """scores (B, n_items + 1) with the items of seq (B, L) set to -inf, in place; the padding column is left
+    as it was (it is governed by rank_padding, not by history)."""
+    padding_column = scores[:, 0].clone()
+    scores.scatter_(1, seq, float('-inf'))
+    scores[:, 0] = padding_column
+    return scores
+
+
+MODELS = ('diffurec', 'sasrec')
+
+
+def build_model(cfg, n_items):
+    """The model named by the config's `model` (a main.py namespace or dict; absent = diffurec)."""
+    c = cfg if isinstance(cfg, dict) else vars(cfg)
+    name = c.get('model', 'diffurec')  # configs saved before --model existed are DiffuRec's
+    if name == 'diffurec':
+        return DiffuRec.from_config(c, n_items)
+    if name == 'sasrec':
+        from sasrec import SASRec  # imported here: sasrec.py uses this module's helpers
+        return SASRec.from_config(c, n_items)
+    raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import utils
-from model import DiffuRec
+from model import build_model
 from trainer import load_checkpoint
 
 CSV_FIELDS = ('user', 'rank', 'item', 'score')
@@ -31,7 +31,7 @@ def load_run(run_dir):
         raise ValueError(f'--recommend {run_dir}: no such run directory')
     checkpoint = load_checkpoint(os.path.join(run_dir, 'checkpoint.pt'))
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'n_items' not in checkpoint:
-        raise ValueError(f'{run_dir}/checkpoint.pt is not a DiffuRec checkpoint (no model or n_items)')
+        raise ValueError(f'{run_dir}/checkpoint.pt is not a checkpoint of this project (no model or n_items)')
     config = checkpoint.get('config')
     if config is None:
         try:
@@ -42,7 +42,7 @@ def load_run(run_dir):
                              f'({type(e).__name__})') from None
     state = checkpoint['kept_model'] if checkpoint.get('kept_model') is not None else checkpoint['model']
     try:
-        model = DiffuRec.from_config(config, checkpoint['n_items'])
+        model = build_model(config, checkpoint['n_items'])
         model.load_state_dict(state)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f'{run_dir}: the checkpoint does not match its config '

@@ -186,7 +186,7 @@ def load_checkpoint(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # corrupt, truncated, or not a checkpoint
         raise ValueError(f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); '
-                         f'it is corrupt or not a DiffuRec checkpoint') from None
+                         f'it is corrupt or not a checkpoint of this project') from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,7 +204,8 @@ def build_optimizer(cfg, params):
 class Trainer:
     """Runs training, validation, early stopping and testing for one model and one dataset.
 
-    model: a DiffuRec (or a DistributedDataParallel around one); samples: utils.build_samples output;
+    model: a DiffuRec or SASRec (or a DistributedDataParallel around one); samples: utils.build_samples
+    output, with the model's own training samples;
     cfg: the main.py namespace; run_dir: where checkpoints and metrics go (written by rank 0 only).
     """
 
@@ -244,7 +245,7 @@ class Trainer:
             'kept_epoch': self.kept_epoch,
             'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(),
-            'sampler': self.module.sampler.state_dict(),
+            'sampler': self.module.sampler.state_dict() if hasattr(self.module, 'sampler') else None,
             'rng': utils.rng_state(),
             'epoch': self.epoch, 'batch': self.batch,
             'epoch_elapsed': self.epoch_elapsed, 'epoch_loss': self.epoch_loss,
@@ -260,7 +261,8 @@ class Trainer:
         self.module.load_state_dict(state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
-        self.module.sampler.load_state_dict(state['sampler'])
+        if state['sampler'] is not None:
+            self.module.sampler.load_state_dict(state['sampler'])
         for key in ('kept_epoch', 'epoch', 'batch', 'epoch_elapsed', 'epoch_loss', 'best', 'best_epoch',
                     'bad_count', 'stopped_early', 'epoch_seconds', 'epoch_losses', 'history'):
             setattr(self, key, state[key])
@@ -351,7 +353,8 @@ class Trainer:
         bar = tqdm(range(self.batch, self.n_batches), desc=f'epoch {self.epoch}', leave=False,
                    disable=self.rank != 0, dynamic_ncols=True, initial=self.batch, total=self.n_batches)
         for b in bar:
-            global_size = min(cfg.batch_size, len(labels) - b * cfg.batch_size)
+            # the global batch's weight in the mean: its samples (DiffuRec) or real target positions (SASRec)
+            global_size = self.module.loss_units(labels[perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]])
             rows, weight = self.train_rows(perm, b)
             seq, label = inputs[rows].to(self.device, non_blocking=True), labels[rows].to(self.device, non_blocking=True)
             with autocast(self.device, cfg.precision):
@@ -375,7 +378,7 @@ class Trainer:
                 if int(bad_step) >= 0:
                     raise RunStopped(f'non-finite loss at epoch {self.epoch} step {int(bad_step)}; stopped. '
                                      f'The last good checkpoint (if any) is in {self.run_dir}; try a lower --lr')
-                bar.set_postfix(loss=f'{losses.detach().float().mean().item():.4f}')
+                bar.set_postfix(loss=f'{loss.detach().float().item():.4f}')
             if stopping and self.batch < self.n_batches:
                 self._finish_partial_epoch(loss_sum, start)
                 self._stop_for_signal()

@@ -1,0 +1,131 @@
+"""SASRec (Kang & McAuley, ICDM 2018) trained with full softmax cross-entropy: the baseline beside DiffuRec.
+
+A causal self-attention transformer reads a user's history and predicts the next item at every position;
+the output layer is the item table itself (scores = h E^T). Following Klenitskiy & Vasilev (RecSys 2023),
+training uses cross-entropy over all items at every real position of each user's training sequence, instead
+of the original binary cross-entropy with one sampled negative. Evaluation goes through the same scoring
+interface as DiffuRec, so both models are ranked by one evaluation loop.
+"""
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffurec import Dropout, TransformerBlock, attention_mask
+from model import mask_history
+
+
+def sequence_samples(data, max_len=50):
+    """One training row per user with at least two training items: input left-pad(train[u][:-1]) ->
+    targets left-pad(train[u][1:]), users ascending.
+
+    Returns (inputs, targets), both LongTensor (n_rows, max_len): position j of a row predicts targets[j]
+    from inputs[:j + 1]; 0 marks padding in both, and every row has at least one target. Only the last
+    max_len transitions of each sequence are kept. The validation and test items never appear: they are
+    not in train[u].
+    """
+    sequences = [data['train'][u][-(max_len + 1):] for u in range(len(data['train']))]
+    sequences = [s for s in sequences if len(s) > 1]
+    inputs = np.zeros((len(sequences), max_len), dtype=np.int64)
+    targets = np.zeros((len(sequences), max_len), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        n = len(seq) - 1
+        inputs[row, max_len - n:] = seq[:-1]
+        targets[row, max_len - n:] = seq[1:]
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+class SASRec(nn.Module):
+    """SASRec over n_items items (ids 1..n_items, 0 = padding); the item table has n_items + 1 rows.
+
+    Embedding: E[seq] sqrt(d) + P (learned positions), dropout, padding positions zeroed. Blocks: pre-LN
+    self-attention and feed-forward with residuals, each position attending only to itself and the real
+    items before it (causal and key mask). A final LayerNorm gives the hidden state h (B, L, d).
+    rank_padding as in DiffuRec: whether the padding row takes part in the softmax and the ranking.
+    """
+
+    name = 'sasrec'
+
+    def __init__(self, n_items, max_len=50, hidden_size=64, num_blocks=2, heads=1, dropout=0.2,
+                 emb_dropout=0.2, hidden_act='relu', rank_padding=True):
+        super().__init__()
+        self.n_items = n_items
+        self.max_len = max_len
+        self.rank_padding = rank_padding
+        self.item_table = nn.Embedding(n_items + 1, hidden_size)
+        self.position_table = nn.Embedding(max_len, hidden_size)
+        nn.init.xavier_normal_(self.item_table.weight)
+        nn.init.xavier_normal_(self.position_table.weight)
+        self.embed_dropout = Dropout(emb_dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(hidden_size, heads, dropout, hidden_act)
+                                    for _ in range(num_blocks))
+        self.out_ln = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.block_dtype = None  # set by low_precision_copy
+
+    @classmethod
+    def from_config(cls, cfg, n_items):
+        """Build from a main.py config (argparse namespace or dict)."""
+        c = cfg if isinstance(cfg, dict) else vars(cfg)
+        return cls(n_items, max_len=c['max_len'], hidden_size=c['hidden_size'], num_blocks=c['num_blocks'],
+                   heads=c['heads'], dropout=c['dropout'], emb_dropout=c['emb_dropout'],
+                   hidden_act=c['hidden_act'], rank_padding=c['rank_padding'])
+
+    @staticmethod
+    def loss_units(targets):
+        """What one training row weighs in the batch mean: its number of real target positions."""
+        return (targets > 0).sum()
+
+    def hidden(self, seq, last_only=False):
+        """seq (B, L) long, left-padded -> h (B, L, d), or (B, 1, d) of the last position with last_only."""
+        L = seq.shape[1]
+        if L > self.max_len:
+            raise ValueError(f'sequences of length {L} exceed the {self.max_len} learned positions')
+        mask = seq > 0
+        x = self.item_table(seq) * math.sqrt(self.item_table.embedding_dim) + self.position_table.weight[-L:]
+        x = self.embed_dropout(x) * mask.unsqueeze(-1).to(x.dtype)
+        if self.block_dtype is not None:
+            x = x.to(self.block_dtype)
+        _, allowed = attention_mask(mask, 'causal')
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask=allowed, last_only=last_only and i == len(self.blocks) - 1)
+        return self.out_ln(x)
+
+    def logits(self, h):
+        """h (P, d) -> h E^T (P, n_items + 1) in float32; the padding column is -inf unless rank_padding."""
+        logits = h.float() @ self.item_table.weight.float().t()
+        if not self.rank_padding:
+            logits[:, 0] = float('-inf')
+        return logits
+
+    def forward(self, seq, targets):
+        """Training loss. seq, targets (B, L) -> (mean loss over real positions, per-row loss sums (B,), None).
+
+        Only the real target positions (targets > 0) reach the item-table product and the loss.
+        """
+        real = targets > 0
+        h = self.hidden(seq)[real]  # (P, d)
+        losses = F.cross_entropy(self.logits(h), targets[real], reduction='none')  # (P,)
+        rows = real.nonzero()[:, 0]
+        per_row = torch.zeros(seq.shape[0], dtype=losses.dtype, device=seq.device).index_add_(0, rows, losses)
+        return losses.mean(), per_row, None
+
+    @torch.no_grad()
+    def scores(self, seq, exclude_history=False, sample_steps=None):
+        """seq (B, L) -> scores (B, n_items + 1) of the item after the last one, higher is better.
+
+        sample_steps is DiffuRec's and has no meaning here (accepted so that both models score alike).
+        """
+        scores = self.logits(self.hidden(seq, last_only=True)[:, -1])
+        return mask_history(scores, seq) if exclude_history else scores
+
+    def low_precision_copy(self, dtype=torch.bfloat16):
+        """A copy whose blocks compute in `dtype`; the embedding stage and the item-table product stay float32
+        (fewer ties among the scores)."""
+        model = copy.deepcopy(self)
+        model.blocks.to(dtype)
+        model.out_ln.to(dtype)
+        model.block_dtype = dtype
+        return model

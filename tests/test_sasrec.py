@@ -1,0 +1,127 @@
+"""The SASRec baseline (--model sasrec): its samples, its causal attention and loss, and the shared harness."""
+import json
+import os
+
+import pytest
+import torch
+
+import main
+import utils
+from model import DiffuRec
+from sasrec import SASRec, sequence_samples
+from trainer import evaluate, label_ranks, rank_metrics
+
+TINY = dict(hidden_size=16, num_blocks=2, heads=2, dropout=0.2, emb_dropout=0.2, max_len=12)
+
+
+def tiny_sasrec(n_items=30, seed=0):
+    torch.manual_seed(seed)
+    return SASRec(n_items, **TINY)
+
+
+def test_samples_are_shifted_training_sequences_without_val_or_test_items():
+    # items 1..3 appear only as validation or test items; train uses 4..9
+    data = {'train': {0: [4, 5, 6, 7], 1: [8], 2: [9, 4]}, 'val': {0: [1], 1: [2], 2: [3]},
+            'test': {0: [2], 1: [3], 2: [1]}, 'umap': {}, 'smap': {}}
+    inputs, targets = sequence_samples(data, max_len=3)
+    # user 1 has a single training item, hence nothing to predict: no row
+    assert inputs.tolist() == [[4, 5, 6], [0, 0, 9]]
+    assert targets.tolist() == [[5, 6, 7], [0, 0, 4]]
+    assert not set(targets.flatten().tolist()) & {1, 2, 3}
+    assert not set(inputs.flatten().tolist()) & {1, 2, 3}
+
+
+def test_causal_mask_later_items_never_change_earlier_positions():
+    model = tiny_sasrec().eval()
+    seq = torch.tensor([[0, 0, 0, 3, 7, 9, 2, 5, 8, 1, 4, 6]])
+    changed = seq.clone()
+    changed[0, 8:] = torch.tensor([11, 12, 13, 14])
+    with torch.no_grad():
+        before, after = model.hidden(seq), model.hidden(changed)
+    torch.testing.assert_close(before[0, :8], after[0, :8], rtol=0, atol=0)
+    assert not torch.allclose(before[0, 8:], after[0, 8:])
+
+
+def test_padding_positions_never_reach_the_loss():
+    model = tiny_sasrec().train()
+    seq = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 7, 9, 2, 5], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 6]])
+    targets = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 7, 9, 2, 5, 8], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6, 1]])
+    captured = {}
+    real_hidden = model.hidden
+
+    def hidden(s, last_only=False):
+        h = real_hidden(s, last_only)
+        h.retain_grad()
+        captured['h'] = h
+        return h
+
+    model.hidden = hidden
+    rows_into_product = []
+    real_logits = model.logits
+    model.logits = lambda h: rows_into_product.append(h.shape[0]) or real_logits(h)
+    mean, per_row, _ = model(seq, targets)
+    mean.backward()
+    grad = captured['h'].grad  # (B, L, d)
+    padding = targets == 0
+    assert torch.count_nonzero(grad[padding]) == 0
+    assert torch.count_nonzero(grad[~padding]) > 0
+    assert rows_into_product == [int((~padding).sum())]  # 7 real positions, no padding row in the product
+    assert per_row.shape == (2,) and torch.isclose(per_row.sum() / 7, mean)
+
+
+def test_both_models_go_through_the_same_evaluation():
+    data = utils.make_synthetic(n_users=40, n_items=30)
+    inputs, labels = utils.build_samples(data, TINY['max_len'])['test']
+    ks = [5, 10]
+    for model in (tiny_sasrec(), DiffuRec(30, hidden_size=16, num_blocks=1, heads=2, diffusion_steps=4)):
+        calls = []
+        real_scores = model.scores
+        model.scores = lambda seq, **kw: calls.append(len(seq)) or real_scores(seq, **kw)
+        torch.manual_seed(3)
+        got = evaluate(model, inputs, labels, ks, 16, torch.device('cpu'), metric_average='user',
+                       show_progress=False)
+        assert calls == [16, 16, 8]
+        torch.manual_seed(3)
+        model.eval()
+        scores = torch.cat([real_scores(inputs[i:i + 16]) for i in range(0, 40, 16)])
+        expected = rank_metrics(label_ranks(scores.float(), labels), ks).mean(0) * 100
+        assert list(got.values()) == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+FAST = ['--dataset', 'synthetic', '--model', 'sasrec', '--log_file', '', '--max_len', '20']
+
+
+def test_sasrec_learns_synthetic_well_above_chance(tmp_path):
+    out = tmp_path / 'run'
+    assert main.main(FAST + ['--epochs', '8', '--eval_interval', '4', '--out_dir', str(out)]) == 0
+    with open(out / 'results.json') as f:
+        results = json.load(f)
+    assert results['model'] == 'sasrec' and results['config']['hidden_size'] == 64
+    chance = 100 * 10 / 200
+    assert results['test']['HR@10'] > 5 * chance, results['test']
+
+
+def one_error_line(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), lines
+    return lines[0]
+
+
+def test_a_checkpoint_of_one_model_is_refused_by_the_other(tmp_path, capsys):
+    out = str(tmp_path / 'run')
+    assert main.main(FAST + ['--epochs', '2', '--eval_interval', '1', '--limit_train_batches', '1',
+                             '--out_dir', out]) == 0
+    capsys.readouterr()
+    assert main.main(['--resume', out, '--model', 'diffurec']) == 2
+    line = one_error_line(capsys)
+    assert "model='sasrec'" in line and "'diffurec'" in line
+    # --recommend rebuilds the run's own model from its checkpoint
+    assert main.main(['--recommend', out, '--topk', '3', '--log_file', '']) == 0
+    assert os.path.getsize(os.path.join(out, 'recommendations.csv')) > 0
+
+
+@pytest.mark.parametrize('flag', [['--diffusion_steps', '8'], ['--sample_steps', '2'], ['--attention_mask', 'key'],
+                                  ['--update_lossaware']])
+def test_diffusion_flags_are_refused_with_sasrec(flag, capsys):
+    assert main.main(FAST + flag) == 2
+    assert flag[0] in one_error_line(capsys)
