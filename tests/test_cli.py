@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import main
-from utils import make_synthetic
+from data import make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--hidden_size', '32', '--num_blocks', '1', '--log_file', '']
