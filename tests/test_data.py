@@ -42,8 +42,8 @@ def _load_real(data_dir, name):
 
 
 @pytest.fixture
-def real(shared_data_dir):
-    return lambda name: _load_real(str(shared_data_dir), name)
+def real(real_data_dir):
+    return lambda name: _load_real(str(real_data_dir), name)
 
 
 def tiny_dataset():
@@ -119,8 +119,8 @@ def datasets(draw):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', REAL)
-def test_shared_file_matches_pinned_blob_id_and_sha256(shared_data_dir, name):
-    data = (shared_data_dir / name / 'dataset.pkl').read_bytes()
+def test_data_file_matches_pinned_blob_id_and_sha256(real_data_dir, name):
+    data = (real_data_dir / name / 'dataset.pkl').read_bytes()
     assert git_blob_id(data) == DATASETS[name]['blob']
     assert hashlib.sha256(data).hexdigest() == DATASETS[name]['sha256']
 
@@ -283,8 +283,8 @@ def test_unpickler_rejects_bytes_but_accepts_plain_types(tmp_path):
     assert load_pickle_safely(path) == obj
 
 
-def test_unpickler_corrupt_and_truncated(tmp_path, shared_data_dir):
-    good = (shared_data_dir / 'toys' / 'dataset.pkl').read_bytes()
+def test_unpickler_corrupt_and_truncated(tmp_path, real_data_dir):
+    good = (real_data_dir / 'toys' / 'dataset.pkl').read_bytes()
     path = tmp_path / 'dataset.pkl'
     for raw in (good[:len(good) // 2], good[:1], b'', b'\x00garbage\xff' * 10, b'hello world'):
         path.write_bytes(raw)
@@ -346,6 +346,17 @@ def test_validate_rejects_wrong_structures(change, problem):
     assert '\n' not in message
 
 
+def test_a_missing_real_dataset_that_cannot_be_downloaded_is_one_failure_line(tmp_path, monkeypatch):
+    from conftest import ensure_datasets
+    monkeypatch.setenv(DATA_URL_ENV, 'http://127.0.0.1:9/mirror/')  # nothing listens on port 9
+    with pytest.raises(pytest.fail.Exception) as err:
+        ensure_datasets(tmp_path, ['toys'])
+    message = str(err.value)
+    assert message.startswith(f'{tmp_path}/toys/dataset.pkl is missing and could not be downloaded')
+    assert message.endswith('place the file there (see datasets/README.md)') and '\n' not in message
+    assert not (tmp_path / 'toys' / 'dataset.pkl').exists()
+
+
 def test_histories_are_everything_before_the_predicted_item():
     data = tiny_dataset()
     assert histories(data, 'val') == [[1, 2, 3], [4, 5], [2]]
@@ -398,10 +409,10 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def file_server(tmp_path, shared_data_dir):
+def file_server(tmp_path, real_data_dir):
     """A local HTTP server: good/toys/dataset.pkl and bad/toys/dataset.pkl (one byte flipped)."""
     root = tmp_path / 'www'
-    good = (shared_data_dir / 'toys' / 'dataset.pkl').read_bytes()
+    good = (real_data_dir / 'toys' / 'dataset.pkl').read_bytes()
     for sub, raw in (('good', good), ('bad', good[:-10] + bytes([good[-10] ^ 1]) + good[-9:])):
         (root / sub / 'toys').mkdir(parents=True)
         (root / sub / 'toys' / 'dataset.pkl').write_bytes(raw)
