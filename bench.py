@@ -21,11 +21,10 @@ import time
 import torch
 
 import utils
+from data import DataError, build_samples, load_dataset
 from main import build_parser, check_config
 from model import DiffuRec
-from trainer import autocast
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests'))
+from trainer import precision_context
 
 
 def parse_args(argv=None):
@@ -89,7 +88,7 @@ def make_steps(model, samples, cfg, device, precision, plain=None):
         rows = batches[state['i'] % len(batches)].to(device)
         state['i'] += 1
         runner.train()
-        with autocast(device, precision):
+        with precision_context(device, precision):
             out = runner(train_x[rows], train_y[rows])
         loss = out[0] if isinstance(out, tuple) else out
         optimizer.zero_grad(set_to_none=True)
@@ -193,14 +192,14 @@ def main(argv=None):
     try:
         check_config(cfg)
         device = utils.choose_device(cfg.device)
-        data = utils.load_dataset(cfg.dataset, cfg.data_dir)
-    except (ValueError, utils.DataError) as e:
+        data = load_dataset(cfg.dataset, cfg.data_dir)
+    except (ValueError, DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     utils.set_seed(cfg.random_seed)
-    samples = {k: (x.to(device), y.to(device)) for k, (x, y) in utils.build_samples(data, cfg.max_len).items()}
+    samples = {k: (x.to(device), y.to(device)) for k, (x, y) in build_samples(data, cfg.max_len).items()}
     n_items = len(data['smap'])
     model = DiffuRec.from_config(cfg, n_items).to(device)
     if cfg.compile:

@@ -7,7 +7,6 @@ Every flag of the authors' script keeps its name and default; `python main.py --
 """
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -17,14 +16,15 @@ import warnings
 import torch
 
 import utils
+from data import (DEFAULT_DATA_DIR, DataError, build_samples, group_users, histories, load_dataset,
+                  load_item_categories, samples_checksum, sequence_samples)
+from metrics import diversity_metrics, metric_names, metrics_table
 from model import MODELS, build_model
-from sasrec import sequence_samples
+from plots import plot_curves
 from recommend import recommend
-from trainer import (RunStopped, Trainer, diversity_metrics, kept_selection, load_checkpoint,
-                     metric_names, metrics_table)
+from trainer import RunStopped, Trainer, kept_selection, load_checkpoint
 
 METRIC_CHOICES = ('batch', 'user')
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'datasets', 'data')
 
 
 def positive_int(text):
@@ -287,12 +287,6 @@ def resume(trainer, cfg, data_checksum, rank, world):
     trainer.log(f'resumed {cfg.resume} at epoch {trainer.epoch}, batch {trainer.batch}')
 
 
-def write_json(obj, path):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)
-
-
 def run(cfg):
     """One experiment from a parsed config: returns the results dict (also written to results.json)."""
     check_config(cfg)
@@ -309,16 +303,16 @@ def run(cfg):
         utils.init_distributed(device, rank, world)
     utils.set_seed(cfg.random_seed)
 
-    data = utils.load_dataset(cfg.dataset, cfg.data_dir)
+    data = load_dataset(cfg.dataset, cfg.data_dir)
     n_items = len(data['smap'])
     if max(cfg.metric_ks) > n_items:
         raise ValueError(f'--metric_ks {max(cfg.metric_ks)} exceeds the {n_items} items of {cfg.dataset}')
-    samples = utils.build_samples(data, cfg.max_len)
-    data_checksum = utils.samples_checksum(*samples['train'])  # of the prefix samples, whatever the model
+    samples = build_samples(data, cfg.max_len)
+    data_checksum = samples_checksum(*samples['train'])  # of the prefix samples, whatever the model
     if cfg.model == 'sasrec':  # SASRec learns from every position of a history at once: one row per user
         samples['train'] = sequence_samples(data, cfg.max_len)
     samples = {split: (x.to(device), y.to(device)) for split, (x, y) in samples.items()}  # once, not per batch
-    item_categories = utils.load_item_categories(cfg.category_file, data['smap'])[0] if cfg.category_file else None
+    item_categories = load_item_categories(cfg.category_file, data['smap'])[0] if cfg.category_file else None
 
     run_dir = utils.from_rank0(lambda: make_run_dir(cfg), rank, world)  # one directory, chosen by rank 0
     log_paths = [os.path.join(run_dir, 'log.txt')]
@@ -328,7 +322,7 @@ def run(cfg):
         log_paths.append(os.path.join(cfg.log_file, f'{cfg.dataset}_{os.path.basename(run_dir)}.log'))
     log = utils.RunLog(log_paths, enabled=rank == 0)  # only rank 0 prints and writes files
     if rank == 0:
-        write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))
+        utils.write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))
 
     model = build_model(cfg, n_items).to(device)
     if cfg.compile and cfg.model == 'diffurec':
@@ -345,8 +339,9 @@ def run(cfg):
     if smoke:
         log('smoke run: --limit_train_batches/--limit_eval_batches set, results are marked smoke')
 
+    excluded = {split: histories(data, split) for split in ('val', 'test')} if cfg.exclude_history else None
     trainer = Trainer(distribute(model, device, world), cfg, samples, run_dir, device, log, rank=rank, world=world,
-                      data_checksum=data_checksum)
+                      data_checksum=data_checksum, histories=excluded)
     if cfg.resume:
         resume(trainer, cfg, data_checksum, rank, world)
     trainer.fit()
@@ -355,7 +350,7 @@ def run(cfg):
         log('no validation ran (epochs <= eval_interval): testing the final model')
     final = trainer.final_model()
     topk_items = []
-    test = trainer.evaluate('test', model=final, topk_items=topk_items)
+    test = trainer.evaluate_split('test', model=final, topk_items=topk_items)
     selection = kept_selection(trainer.history, trainer.kept_epoch, cfg.select_metric, cfg.metric_ks)
     rows = {'test': test}
     if trainer.best:
@@ -379,15 +374,17 @@ def run(cfg):
         log(f'mean epoch time: {results["epoch_time_avg"]:.2f}s over {len(trainer.epoch_seconds)} epochs')
     if cfg.long_head:
         groups = {}
-        for name, (inputs, labels) in utils.group_users(data, cfg.max_len).items():
+        test_histories = histories(data, 'test')  # a group predicts the test item from train + val
+        for name, (inputs, labels, users) in group_users(data, cfg.max_len).items():
             if len(labels):
-                groups[name] = trainer.evaluate(name, model=final, data=(inputs, labels))
+                group_histories = [test_histories[u] for u in users.tolist()]
+                groups[name] = trainer.evaluate_split(name, model=final, data=(inputs, labels, group_histories))
                 groups[name]['users'] = len(labels)
         results['long_head'] = groups
         log('group analysis\n' + metrics_table({k: {m: v[m] for m in metric_names(cfg.metric_ks)}
                                                 for k, v in groups.items()}))
     if rank == 0:
-        write_json(results, os.path.join(run_dir, 'results.json'))
+        utils.write_json(results, os.path.join(run_dir, 'results.json'))
         write_curves(run_dir, trainer, cfg.metric_ks, log)
     log(f'results written to {os.path.join(run_dir, "results.json")}')
     return results
@@ -396,7 +393,7 @@ def run(cfg):
 def write_curves(run_dir, trainer, ks, log):
     """curves.png in the run directory when matplotlib is installed, else a one-line notice."""
     path = os.path.join(run_dir, 'curves.png')
-    if utils.plot_curves(path, trainer.epoch_losses, trainer.history, metric_names(ks), trainer.kept_epoch):
+    if plot_curves(path, trainer.epoch_losses, trainer.history, metric_names(ks), trainer.kept_epoch):
         log(f'training curves written to {path}')
     else:
         log('matplotlib is not installed: no curves.png (pip install matplotlib to get the training curves)')
@@ -447,7 +444,7 @@ def run_seeds(cfg):
         per_seed[seed] = run(one)
     aggregate = aggregate_results(per_seed)
     aggregate['runs'] = {str(seed): os.path.join(base, f'seed_{seed}') for seed in cfg.seeds}
-    write_json(aggregate, os.path.join(base, 'aggregate.json'))
+    utils.write_json(aggregate, os.path.join(base, 'aggregate.json'))
     print(aggregate_table(aggregate))
     print(f'aggregate written to {os.path.join(base, "aggregate.json")}')
     return aggregate
@@ -470,7 +467,7 @@ def main(argv=None):
     utils.keep_freed_memory()
     try:
         run_command(parse_config(argv))
-    except (ValueError, utils.DataError) as e:
+    except (ValueError, DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except RunStopped as e:

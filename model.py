@@ -1,6 +1,6 @@
 """The recommender around the diffusion: item table, embedding stage, training loss and scoring.
 
-Training (spec section 3): x_0 = E[label], t ~ sampler, x_t = q_sample(x_0, t, eps), x0_hat = f(h, x_t, t),
+Training (the paper's Eq. for the loss, as the authors' code computes it): x_0 = E[label], t ~ sampler, x_t = q_sample(x_0, t, eps), x0_hat = f(h, x_t, t),
 loss = cross-entropy(x0_hat E^T, label) over all n_items + 1 rows.
 Inference: x_0 from the reverse process, scores = x_0 E^T ("inner") or minus the squared distance ("routing").
 """
@@ -118,7 +118,7 @@ class DiffuRec(nn.Module):
         return model
 
     @torch.no_grad()
-    def scores(self, seq, exclude_history=False, sample_steps=None):
+    def scores(self, seq, sample_steps=None):
         """seq (B, L) -> scores (B, n_items + 1) over every row of the item table, higher is better."""
         x0 = self.sample(seq, sample_steps=sample_steps).float()
         if self.rounding == 'inner':
@@ -129,16 +129,7 @@ class DiffuRec(nn.Module):
             scores = -dist.clamp(min=0.0)
             if not self.rank_padding:
                 scores[:, 0] = float('-inf')
-        return mask_history(scores, seq) if exclude_history else scores
-
-
-def mask_history(scores, seq):
-    """scores (B, n_items + 1) with the items of seq (B, L) set to -inf, in place; the padding column is left
-    as it was (it is governed by rank_padding, not by history)."""
-    padding_column = scores[:, 0].clone()
-    scores.scatter_(1, seq, float('-inf'))
-    scores[:, 0] = padding_column
-    return scores
+        return scores
 
 
 MODELS = ('diffurec', 'sasrec')

@@ -11,9 +11,10 @@ import json
 import os
 
 import torch
-from tqdm import tqdm
 
 import utils
+from data import DataError, build_samples, full_history_inputs, histories, load_dataset, samples_checksum
+from metrics import score_batches
 from model import build_model
 from trainer import load_checkpoint
 
@@ -50,24 +51,18 @@ def load_run(run_dir):
     return model.eval(), config, checkpoint
 
 
-@torch.no_grad()
-def top_items(model, inputs, histories, k, batch_size, device, exclude_history=False):
+def top_items(model, inputs, histories, k, batch_size, device, exclude_history=False, precision='fp32',
+              sample_steps=None):
     """Each row's k best items: inputs (U, L) long -> (items (U, k) long, scores (U, k) float), best first.
 
-    The padding row 0 is never recommended. histories: one list of item ids per row, excluded
-    (all of it, not only the last L items) when exclude_history. An excluded item scores -inf; a row
-    with fewer than k items left keeps -inf entries at its end.
+    Scored by the evaluation loop (metrics.score_batches). The padding row 0 is never recommended.
+    histories: one list of item ids per row, excluded when exclude_history. An excluded item scores -inf;
+    a row with fewer than k items left keeps -inf entries at its end.
     """
     items, scores = [], []
-    for begin in tqdm(range(0, len(inputs), batch_size), desc='recommend', leave=False, dynamic_ncols=True):
-        seq = inputs[begin:begin + batch_size].to(device)
-        s = model.scores(seq).float()
+    for _, _, s in score_batches(model, inputs, batch_size, device, histories=histories if exclude_history else None,
+                                 precision=precision, sample_steps=sample_steps, desc='recommend'):
         s[:, 0] = float('-inf')
-        if exclude_history:
-            rows = histories[begin:begin + batch_size]
-            row_index = torch.cat([torch.full((len(h),), i) for i, h in enumerate(rows)])
-            item_index = torch.tensor([item for h in rows for item in h])
-            s[row_index.to(device), item_index.to(device)] = float('-inf')
         best = s.topk(k, dim=1)
         items.append(best.indices.cpu())
         scores.append(best.values.cpu())
@@ -84,20 +79,16 @@ def write_recommendations(path, items, scores, umap, smap):
     item_of = {new: original for original, new in smap.items()}
     missing = next((u for u in range(len(items)) if u not in user_of), None)
     if missing is not None:
-        raise utils.DataError(f'umap has no original id for user {missing}; the dataset is inconsistent')
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.writer(f)
-            writer.writerow(CSV_FIELDS)
-            for u, (row_items, row_scores) in enumerate(zip(items.tolist(), scores.tolist())):
-                for rank, (item, score) in enumerate(zip(row_items, row_scores), start=1):
-                    if score != float('-inf'):
-                        writer.writerow((user_of[u], rank, item_of[item], f'{score:.6g}'))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        raise DataError(f'umap has no original id for user {missing}; the dataset is inconsistent')
+
+    def write(f):
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS)
+        for u, (row_items, row_scores) in enumerate(zip(items.tolist(), scores.tolist())):
+            for rank, (item, score) in enumerate(zip(row_items, row_scores), start=1):
+                if score != float('-inf'):
+                    writer.writerow((user_of[u], rank, item_of[item], f'{score:.6g}'))
+    utils.write_atomic(path, write)
 
 
 def recommend(cfg, default_data_dir):
@@ -110,13 +101,13 @@ def recommend(cfg, default_data_dir):
     run_dir = cfg.recommend
     model, config, checkpoint = load_run(run_dir)
     data_dir = cfg.data_dir if cfg.data_dir != default_data_dir else config.get('data_dir', cfg.data_dir)
-    data = utils.load_dataset(config['dataset'], data_dir)
+    data = load_dataset(config['dataset'], data_dir)
     n_items = len(data['smap'])
     if n_items != checkpoint['n_items']:
         raise ValueError(f'dataset {config["dataset"]} in {data_dir} has {n_items} items but the run\'s model '
                          f'has {checkpoint["n_items"]}: not the data the run was trained on')
     expected = checkpoint.get('data_checksum')
-    if expected and utils.samples_checksum(*utils.build_samples(data, config['max_len'])['train']) != expected:
+    if expected and samples_checksum(*build_samples(data, config['max_len'])['train']) != expected:
         raise ValueError(f'dataset {config["dataset"]} in {data_dir} differs from the data the run was trained on '
                          f'(training-sample checksum is not {expected})')
     if cfg.topk > n_items:
@@ -124,10 +115,8 @@ def recommend(cfg, default_data_dir):
     out = cfg.out or os.path.join(run_dir, 'recommendations.csv')
     device = utils.choose_device(cfg.device)
     utils.set_seed(cfg.random_seed)
-    users = range(len(data['train']))
-    histories = [data['train'][u] + data['val'][u] + data['test'][u] for u in users]
-    inputs = utils.full_history_inputs(data, config['max_len'])
-    items, scores = top_items(model.to(device), inputs, histories, cfg.topk, cfg.batch_size, device,
+    inputs = full_history_inputs(data, config['max_len'])
+    items, scores = top_items(model.to(device), inputs, histories(data, 'all'), cfg.topk, cfg.batch_size, device,
                               exclude_history=cfg.exclude_history)
     try:
         write_recommendations(out, items, scores, data['umap'], data['smap'])

@@ -9,33 +9,11 @@ interface as DiffuRec, so both models are ranked by one evaluation loop.
 import copy
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from diffurec import Dropout, TransformerBlock, attention_mask
-from model import mask_history
-
-
-def sequence_samples(data, max_len=50):
-    """One training row per user with at least two training items: input left-pad(train[u][:-1]) ->
-    targets left-pad(train[u][1:]), users ascending.
-
-    Returns (inputs, targets), both LongTensor (n_rows, max_len): position j of a row predicts targets[j]
-    from inputs[:j + 1]; 0 marks padding in both, and every row has at least one target. Only the last
-    max_len transitions of each sequence are kept. The validation and test items never appear: they are
-    not in train[u].
-    """
-    sequences = [data['train'][u][-(max_len + 1):] for u in range(len(data['train']))]
-    sequences = [s for s in sequences if len(s) > 1]
-    inputs = np.zeros((len(sequences), max_len), dtype=np.int64)
-    targets = np.zeros((len(sequences), max_len), dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        n = len(seq) - 1
-        inputs[row, max_len - n:] = seq[:-1]
-        targets[row, max_len - n:] = seq[1:]
-    return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
 class SASRec(nn.Module):
@@ -113,13 +91,12 @@ class SASRec(nn.Module):
         return losses.mean(), per_row, None
 
     @torch.no_grad()
-    def scores(self, seq, exclude_history=False, sample_steps=None):
+    def scores(self, seq, sample_steps=None):
         """seq (B, L) -> scores (B, n_items + 1) of the item after the last one, higher is better.
 
         sample_steps is DiffuRec's and has no meaning here (accepted so that both models score alike).
         """
-        scores = self.logits(self.hidden(seq, last_only=True)[:, -1])
-        return mask_history(scores, seq) if exclude_history else scores
+        return self.logits(self.hidden(seq, last_only=True)[:, -1])
 
     def low_precision_copy(self, dtype=torch.bfloat16):
         """A copy whose blocks compute in `dtype`; the embedding stage and the item-table product stay float32

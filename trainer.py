@@ -1,8 +1,8 @@
-"""Training loop, evaluation (HR@K / NDCG@K), early stopping and checkpoints.
+"""The training loop: training, validation and model selection, early stopping, and checkpoints.
 
 One Trainer runs one experiment: train for up to `epochs`, validate after epoch e when e != 0 and
 e % eval_interval == 0, keep the model that improved a validation metric, stop after `patience`
-validations without improvement, then test the kept model (spec section 5).
+validations without improvement, then test the kept model.
 Everything needed to continue a run lives in one checkpoint dict, written atomically.
 """
 import copy
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import utils
+from metrics import evaluate, format_metrics, metric_names
 
 
 class RunStopped(Exception):
@@ -25,158 +26,8 @@ class RunStopped(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------------
-
-def metric_names(ks):
-    """['HR@5', 'HR@10', 'HR@20', 'NDCG@5', ...]: the paper's column order."""
-    return [f'HR@{k}' for k in ks] + [f'NDCG@{k}' for k in ks]
-
-
-def label_ranks(scores, labels):
-    """1-based rank of each label among its row's scores: 1 + the number of strictly higher scores.
-
-    scores (B, N), labels (B,) -> (B,) long. Ties count in the label's favour.
-    """
-    target = scores.gather(1, labels[:, None])
-    return (scores > target).sum(1) + 1
-
-
-def rank_metrics(ranks, ks):
-    """Per-row hits and discounted gains: ranks (B,) -> (B, 2 len(ks)) in metric_names(ks) order.
-
-    HR@k = [rank <= k]; NDCG@k = [rank <= k] / log2(rank + 1) (one relevant item, so IDCG = 1).
-    """
-    ranks = ranks.double()[:, None]
-    ks_t = torch.tensor(ks, dtype=torch.float64, device=ranks.device)[None]
-    hit = (ranks <= ks_t).double()
-    return torch.cat([hit, hit / torch.log2(ranks + 1)], dim=1)
-
-
-def average_metrics(sums, counts, ks, metric_average='batch'):
-    """Per-batch sums (n_batches, M) and row counts (n_batches,) -> {metric: percent, 4 decimals}.
-
-    'batch' is the reference: the mean over batches of each batch's mean (the last, smaller batch
-    weighs as much as a full one). 'user' is the exact mean over users.
-    """
-    sums, counts = sums.double(), counts.double()
-    if metric_average == 'batch':
-        keep = counts > 0
-        values = (sums[keep] / counts[keep, None]).mean(0)
-    elif metric_average == 'user':
-        values = sums.sum(0) / counts.sum()
-    else:
-        raise ValueError(f'unknown metric_average {metric_average!r}; choose batch or user')
-    return {name: round(float(v) * 100, 4) for name, v in zip(metric_names(ks), values)}
-
-
-def diversity_metrics(topk, item_table, n_items, item_categories=None, chunk=4096):
-    """Diversity of the top-K lists topk (U, K) long, ids 0..n_items, best first (one list per user).
-
-    coverage@K  percent of the n_items catalogue items that appear in at least one list (the padding
-                row 0, ranked only under --rank_padding, is no catalogue item and is not counted).
-    ild@K       intra-list diversity: the mean over users of the mean pairwise cosine distance
-                1 - cos(e_i, e_j), i < j, between the item-table rows e of the list (0..2; None when K = 1).
-    With item_categories (n_items + 1, C) bool, row i marking the categories of item i:
-    categories@K          mean number of distinct categories in a list;
-    category_coverage@K   percent of the categories (of at least one item) that appear in some list.
-    item_table (n_items + 1, d). Values rounded to 4 decimals.
-    """
-    n_users, k = topk.shape
-    listed = torch.zeros(n_items + 1, dtype=torch.bool)
-    listed[topk.flatten()] = True
-    listed[0] = False
-    out = {f'coverage@{k}': round(100.0 * int(listed.sum()) / n_items, 4)}
-    # Sum of pairwise cosine similarities over i != j is |sum_i u_i|^2 - K for unit vectors u_i.
-    unit = torch.nn.functional.normalize(item_table.detach().double().cpu(), dim=-1)
-    ild_sum, categories_sum = 0.0, 0
-    for rows in topk.split(chunk):
-        if k > 1:
-            summed = unit[rows].sum(1)  # (chunk, d)
-            similarity = ((summed * summed).sum(1) - k) / (k * (k - 1))
-            ild_sum += float((1.0 - similarity).sum())
-        if item_categories is not None:
-            categories_sum += int(item_categories[rows].any(1).sum())
-    out[f'ild@{k}'] = round(ild_sum / n_users, 4) if k > 1 else None
-    if item_categories is not None:
-        out[f'categories@{k}'] = round(categories_sum / n_users, 4)
-        present = item_categories.any(0)
-        shown = item_categories[listed].any(0)
-        out[f'category_coverage@{k}'] = round(100.0 * int(shown.sum()) / max(int(present.sum()), 1), 4)
-    return out
-
-
-def autocast(device, precision):
-    if precision == 'bf16':
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@torch.inference_mode()
-def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batch', exclude_history=False,
-             precision='fp32', limit_batches=None, desc='eval', show_progress=True, rank=0, world=1, stop=None,
-             sample_steps=None, topk_items=None):
-    """HR@k and NDCG@k (percent) of `model` on inputs (N, L) -> labels (N,), in batches of batch_size.
-
-    sample_steps: reverse steps of the scoring (model.scores); None = all T.
-
-    Returns None if `stop()` turns true between batches.
-    topk_items: None (nothing extra is computed), or a list that receives the top-K item ids of the rows,
-    K = max(ks), as LongTensors (rows, K) on the CPU, best first (for diversity_metrics). With several
-    processes it ends holding one tensor with every process's rows (not in user order).
-
-    With several processes each takes its slice of every batch; the per-batch sums are added across
-    processes, so the result equals a single-process evaluation.
-    """
-    model.eval()
-    if precision == 'bf16':  # the approximator in bf16 throughout; the reverse process stays float32
-        model = model.low_precision_copy(torch.bfloat16)
-    n_batches = math.ceil(len(labels) / batch_size)
-    if limit_batches:
-        n_batches = min(n_batches, limit_batches)
-    sums = torch.zeros(n_batches, 2 * len(ks), dtype=torch.float64, device=device)
-    counts = torch.zeros(n_batches, dtype=torch.float64, device=device)
-    bar = tqdm(range(n_batches), desc=desc, leave=False, disable=not show_progress or rank != 0,
-               dynamic_ncols=True)
-    for b in bar:
-        if stop is not None and stop():
-            return None
-        rows = torch.arange(b * batch_size, min((b + 1) * batch_size, len(labels)),
-                            device=labels.device).tensor_split(world)[rank]
-        if len(rows) == 0:
-            continue
-        seq, label = inputs[rows].to(device, non_blocking=True), labels[rows].to(device, non_blocking=True)
-        scores = model.scores(seq, exclude_history=exclude_history, sample_steps=sample_steps)
-        sums[b] = rank_metrics(label_ranks(scores.float(), label), ks).sum(0)
-        counts[b] = len(rows)
-        if topk_items is not None:
-            topk_items.append(scores.float().topk(max(ks), dim=1).indices.cpu())
-    if world > 1:
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
-        if topk_items is not None:
-            mine = torch.cat(topk_items) if topk_items else torch.zeros(0, max(ks), dtype=torch.long)
-            topk_items[:] = [utils.all_gather_varlen(mine.flatten().to(device)).view(-1, max(ks)).cpu()]
-    return average_metrics(sums.cpu(), counts.cpu(), ks, metric_average)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename: the file is always whole."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def load_checkpoint(path):
     """Load a checkpoint with weights_only=True; a missing or corrupt file raises ValueError (one line)."""
@@ -201,20 +52,30 @@ def build_optimizer(cfg, params):
     raise ValueError(f'unknown optimizer {cfg.optimizer!r}; choose Adam or SGD')
 
 
+def precision_context(device, precision):
+    """Training under bf16 autocast for --precision bf16; a no-op for fp32."""
+    if precision == 'bf16':
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 class Trainer:
     """Runs training, validation, early stopping and testing for one model and one dataset.
 
-    model: a DiffuRec or SASRec (or a DistributedDataParallel around one); samples: utils.build_samples
-    output, with the model's own training samples;
+    model: a DiffuRec or SASRec (or a DistributedDataParallel around one); samples: data.build_samples
+    output, with the model's own training samples; histories: {split: data.histories(data, split)}, the
+    items --exclude_history leaves out of each ranking;
     cfg: the main.py namespace; run_dir: where checkpoints and metrics go (written by rank 0 only).
     """
 
-    def __init__(self, model, cfg, samples, run_dir, device, log, rank=0, world=1, data_checksum=''):
+    def __init__(self, model, cfg, samples, run_dir, device, log, rank=0, world=1, data_checksum='',
+                 histories=None):
         self.model = model
         self.module = model.module if hasattr(model, 'module') else model
         self.cfg, self.samples, self.run_dir, self.device = cfg, samples, run_dir, device
         self.log, self.rank, self.world = log, rank, world
         self.data_checksum = data_checksum
+        self.histories = histories or {}  # split -> each row's history, for --exclude_history
         self.ks = sorted(cfg.metric_ks)
         self.optimizer = build_optimizer(cfg, self.module.parameters())
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.decay_step, gamma=cfg.gamma)
@@ -271,7 +132,7 @@ class Trainer:
 
     def save(self):
         if self.rank == 0:
-            save_atomic(self.state_dict(), os.path.join(self.run_dir, 'checkpoint.pt'))
+            utils.write_atomic(os.path.join(self.run_dir, 'checkpoint.pt'), lambda f: torch.save(self.state_dict(), f), binary=True)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self):
@@ -357,7 +218,7 @@ class Trainer:
             global_size = self.module.loss_units(labels[perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]])
             rows, weight = self.train_rows(perm, b)
             seq, label = inputs[rows].to(self.device, non_blocking=True), labels[rows].to(self.device, non_blocking=True)
-            with autocast(self.device, cfg.precision):
+            with precision_context(self.device, cfg.precision):
                 _, losses, t = model(seq, label)
             # Sum over this slice / global batch, times world: DDP's gradient mean then equals the global mean.
             loss = losses.sum() * (weight * self.world / global_size)
@@ -407,12 +268,18 @@ class Trainer:
         if hasattr(self.module.sampler, 'update_with_all_losses'):
             self.module.sampler.update_with_all_losses(t.cpu().numpy(), losses.cpu().numpy())
 
-    def evaluate(self, split, model=None, stop=None, topk_items=None, data=None):
+    def evaluate_split(self, split, model=None, stop=None, topk_items=None, data=None):
         """Metrics of `model` (default: the current one) on a split of self.samples, or on `data`
-        (inputs, labels) under the name `split` (the --long_head groups), with the run's settings."""
-        inputs, labels = self.samples[split] if data is None else data
+        (inputs, labels, histories) under the name `split` (the --long_head groups), with the run's settings.
+        With --exclude_history each row's history (self.histories[split]) is left out of its ranking."""
+        if data is None:
+            inputs, labels = self.samples[split]
+            histories = self.histories.get(split)
+        else:
+            inputs, labels, histories = data
         return evaluate(model or self.module, inputs, labels, self.ks, self.cfg.batch_size, self.device,
-                        metric_average=self.cfg.metric_average, exclude_history=self.cfg.exclude_history,
+                        metric_average=self.cfg.metric_average,
+                        histories=histories if self.cfg.exclude_history else None,
                         precision=self.cfg.precision, limit_batches=self.cfg.limit_eval_batches,
                         desc=split, rank=self.rank, world=self.world, stop=stop,
                         sample_steps=self.sample_steps(split), topk_items=topk_items)
@@ -431,7 +298,7 @@ class Trainer:
         # With several processes a signal is acted on at the next training check point instead: stopping
         # here would have to be agreed at every batch.
         stop = (lambda: self._signal is not None) if self.world == 1 else None
-        metrics = self.evaluate('val', stop=stop)
+        metrics = self.evaluate_split('val', stop=stop)
         seconds = time.time() - start
         if metrics is None:  # interrupted: the checkpoint resumes with this validation, from the same state
             utils.set_rng_state(rng_before)
@@ -461,11 +328,12 @@ class Trainer:
             return
         path = os.path.join(self.run_dir, 'metrics.csv')
         fields = ['epoch', 'loss', 'seconds'] + metric_names(self.ks) + ['kept']
-        with open(path + '.tmp', 'w', newline='') as f:
+
+        def write(f):
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(self.history)
-        os.replace(path + '.tmp', path)
+        utils.write_atomic(path, write)
 
     def final_model(self):
         """The model to test: the kept copy, or the final model when no validation kept one."""
@@ -485,17 +353,3 @@ def kept_selection(history, kept_epoch, select_metric, ks):
     row = next((r for r in history if r['epoch'] == kept_epoch), None)
     valid = {m: row[m] for m in metric_names(ks)} if row is not None else {}
     return {'metric': select_metric or 'any', 'epoch': kept_epoch, 'valid': valid}
-
-
-def format_metrics(metrics):
-    return '  '.join(f'{k} {v:.4f}' for k, v in metrics.items())
-
-
-def metrics_table(rows):
-    """rows: {label: {metric: value}} -> a text table in the paper's layout (one row per label)."""
-    names = list(next(iter(rows.values())).keys())
-    width = max(len(label) for label in rows) + 2
-    lines = [''.ljust(width) + ''.join(n.rjust(10) for n in names)]
-    for label, metrics in rows.items():
-        lines.append(label.ljust(width) + ''.join(f'{metrics[n]:10.4f}' for n in names))
-    return '\n'.join(lines)

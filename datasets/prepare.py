@@ -58,7 +58,6 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -70,7 +69,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
+# This script runs from datasets/; the project's modules live one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data import DEFAULT_DATA_DIR as _DATA_DIR, DataError, check_name  # noqa: E402
+from utils import write_atomic  # noqa: E402
+
+DEFAULT_DATA_DIR = Path(_DATA_DIR)
 FORMATS = ("auto", "csv", "tsv", "amazon", "movielens")
 MIN_SEQ_LEN = 3          # train >= 1 item, plus one val and one test item
 BLOCK_SIZE = 8 << 20     # bytes read per chunk; tests shrink it to hit chunk edges
@@ -85,10 +89,6 @@ COLUMN_CANDIDATES = {
              "created_at", "event_time"),
     "rating": ("rating", "ratings", "score", "stars", "overall"),
 }
-
-
-class PrepareError(Exception):
-    """A problem with the input or the options, reported as one line."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -118,10 +118,10 @@ class Log:
         i = np.array([imap.setdefault(str(x), len(imap)) for x in items], dtype=np.int64)
         t = np.asarray(times)
         if t.dtype.kind not in "iuf":
-            raise PrepareError("timestamps must be numbers")
+            raise DataError("timestamps must be numbers")
         r = None if ratings is None else np.asarray(ratings, dtype=np.float64)
         if not (len(u) == len(i) == len(t)) or (r is not None and len(r) != len(u)):
-            raise PrepareError("users, items, times (and ratings) must have the same length")
+            raise DataError("users, items, times (and ratings) must have the same length")
         return cls(u, i, t, r, list(umap), list(imap), dict(info or {}))
 
 
@@ -165,7 +165,7 @@ def _open_input(path: Path):
     try:
         raw = open(path, "rb")
     except OSError as e:
-        raise PrepareError(f"cannot open {path}: {e.strerror or e}") from None
+        raise DataError(f"cannot open {path}: {e.strerror or e}") from None
     magic = raw.read(2)
     raw.seek(0)
     if magic == b"\x1f\x8b" or path.suffix == ".gz":
@@ -185,7 +185,7 @@ def detect_format(first_line: bytes) -> str:
         if len(fields) == 4 and _is_number(fields[2]) and _is_number(fields[3]):
             return "amazon"
         return "csv"
-    raise PrepareError("cannot tell the input format from its first line; pass --format")
+    raise DataError("cannot tell the input format from its first line; pass --format")
 
 
 def _is_number(b: bytes) -> bool:
@@ -218,7 +218,7 @@ def _header_layout(fmt: str, header_line: bytes, encoding: str, cols: dict,
     for role in roles:
         idx = _find_column(header, role, cols.get(role))
         if idx in index.values():
-            raise PrepareError(f"column {header[idx]!r} is used for two roles; "
+            raise DataError(f"column {header[idx]!r} is used for two roles; "
                                f"pass --user_col/--item_col/--time_col explicitly")
         index[role], names[role] = idx, header[idx]
     return _Layout(fmt, sep.encode(), b'"' if fmt == "csv" else None, len(header), index, names)
@@ -232,14 +232,14 @@ def _find_column(header: list, role: str, wanted: Optional[str]) -> int:
             return header.index(wanted)
         if wanted.lower() in lower:
             return lower.index(wanted.lower())
-        raise PrepareError(f"column {wanted!r} (--{role}_col) is not in the header: {shown}")
+        raise DataError(f"column {wanted!r} (--{role}_col) is not in the header: {shown}")
     for name in COLUMN_CANDIDATES[role]:
         if name in lower:
             return lower.index(name)
     hint = ""
     if all(_is_number(h.encode()) or not h for h in header[2:]):
         hint = " (no header line? headerless user,item,rating,timestamp is --format amazon)"
-    raise PrepareError(f"no {role} column found in the header ({shown}); "
+    raise DataError(f"no {role} column found in the header ({shown}); "
                        f"pass --{role}_col{hint}")
 
 
@@ -247,7 +247,7 @@ def _decode(b: bytes, encoding: str, what: str) -> str:
     try:
         return b.decode(encoding)
     except UnicodeDecodeError:
-        raise PrepareError(f"{what} is not valid {encoding} text: {b[:60]!r}; "
+        raise DataError(f"{what} is not valid {encoding} text: {b[:60]!r}; "
                            f"pass --encoding") from None
 
 
@@ -307,7 +307,7 @@ def _split_slow(buf: bytes, lay: _Layout, first_line: int, encoding: str):
     lines = []
     for line_no, row in _rows_slow(buf, lay, first_line, encoding):
         if len(row) != lay.ncols:
-            raise PrepareError(f"line {line_no}: expected {lay.ncols} fields, found {len(row)}")
+            raise DataError(f"line {line_no}: expected {lay.ncols} fields, found {len(row)}")
         for role, idx in lay.index.items():
             cols[role].append(row[idx])
         lines.append(line_no)
@@ -332,7 +332,7 @@ def _rows_slow(buf: bytes, lay: _Layout, first_line: int, encoding: str):
                 yield first_line + start, [f.encode(encoding) for f in row]
             start = reader.line_num
     except csv.Error as e:
-        raise PrepareError(f"line {first_line + reader.line_num - 1}: {e}") from None
+        raise DataError(f"line {first_line + reader.line_num - 1}: {e}") from None
 
 
 class _TimeParser:
@@ -367,7 +367,7 @@ class _TimeParser:
                     except ValueError:
                         ok = False
                     if not ok:
-                        raise PrepareError(f"line {line_of(k)}: cannot parse timestamp "
+                        raise DataError(f"line {line_of(k)}: cannot parse timestamp "
                                            f"{s!r} ({self.where}) as a date or a number")
         return t.astype(np.int64)
 
@@ -383,7 +383,7 @@ def _parse_floats(col: list, what: str, where: str, line_of,
     except ValueError:
         k = next(k for k, c in enumerate(col) if not _is_number(c))
     value = col[k].decode("utf-8", "replace").strip()
-    raise PrepareError(f"line {line_of(k)}: cannot parse {what} {value!r} ({where})")
+    raise DataError(f"line {line_of(k)}: cannot parse {what} {value!r} ({where})")
 
 
 def read_log(path, fmt: str = "auto", user_col: Optional[str] = None,
@@ -394,10 +394,10 @@ def read_log(path, fmt: str = "auto", user_col: Optional[str] = None,
     """Read an interaction log (see the module docstring for formats).
 
     ``need_rating`` reads the rating column too (needed for ``min_rating``).
-    Raises PrepareError with a one-line message on bad input.
+    Raises DataError with a one-line message on bad input.
     """
     if fmt not in FORMATS:
-        raise PrepareError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     _check_encoding(encoding)
     path = Path(path)
     progress = _Progress(verbose)
@@ -409,16 +409,16 @@ def read_log(path, fmt: str = "auto", user_col: Optional[str] = None,
                                 rating_col is not None, encoding, progress,
                                 block_size or BLOCK_SIZE)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise PrepareError(f"cannot decompress {path}: {e}") from None
+        raise DataError(f"cannot decompress {path}: {e}") from None
 
 
 def _check_encoding(encoding: str) -> None:
     try:
         ok = "a,:\t\n\"".encode(codecs.lookup(encoding).name) == b"a,:\t\n\""
     except LookupError:
-        raise PrepareError(f"unknown encoding {encoding!r}") from None
+        raise DataError(f"unknown encoding {encoding!r}") from None
     if not ok:
-        raise PrepareError(f"encoding {encoding!r} is not ASCII-compatible")
+        raise DataError(f"encoding {encoding!r} is not ASCII-compatible")
 
 
 def _read_stream(path, raw, stream, fmt, cols, need_rating, encoding, progress, block_size):
@@ -428,7 +428,7 @@ def _read_stream(path, raw, stream, fmt, cols, need_rating, encoding, progress, 
         first = stream.readline()
         line_no += 1
         if not first:
-            raise PrepareError(f"{path} is empty")
+            raise DataError(f"{path} is empty")
         if line_no == 1 and first.startswith(codecs.BOM_UTF8):
             first = first[len(codecs.BOM_UTF8):]
     fmt = detect_format(first) if fmt == "auto" else fmt
@@ -458,7 +458,7 @@ def _read_stream(path, raw, stream, fmt, cols, need_rating, encoding, progress, 
             n_rows += _parse_chunk(pending + b"\n", lay, next_line, encoding, udict, idict,
                                    parse_time, parts, n_rows)
     if n_rows == 0:
-        raise PrepareError(f"{path} has no interaction rows")
+        raise DataError(f"{path} has no interaction rows")
 
     log = Log(users=_compact(np.concatenate(parts["u"]), n_rows),
               items=_compact(np.concatenate(parts["i"]), n_rows),
@@ -543,7 +543,7 @@ def preprocess(log: Log, min_count: int = 5, min_rating: Optional[float] = None,
                verbose: bool = False):
     """Filter, order, renumber and split a log.  Returns (dataset, stats)."""
     if min_count < 0:
-        raise PrepareError("--min_count must be >= 0")
+        raise DataError("--min_count must be >= 0")
     progress = _Progress(verbose)
     u, i, t = log.users, log.items, log.times
     stats_filters = {"rows_read": int(len(u))}
@@ -551,7 +551,7 @@ def preprocess(log: Log, min_count: int = 5, min_rating: Optional[float] = None,
     # 1. rating filter
     if min_rating is not None:
         if log.ratings is None:
-            raise PrepareError("--min_rating needs a rating column (--rating_col)")
+            raise DataError("--min_rating needs a rating column (--rating_col)")
         keep = log.ratings >= min_rating
         u, i, t = u[keep], i[keep], t[keep]
     stats_filters["min_rating"] = {"threshold": min_rating,
@@ -573,7 +573,7 @@ def preprocess(log: Log, min_count: int = 5, min_rating: Optional[float] = None,
     del u1, i1, u2, i2
     if len(u) == 0:
         rating = f"min_rating={min_rating}, " if min_rating is not None else ""
-        raise PrepareError(f"no interactions left after filtering ({rating}"
+        raise DataError(f"no interactions left after filtering ({rating}"
                            f"min_count={min_count}, users need >= {MIN_SEQ_LEN} items); "
                            f"try a lower --min_count")
     progress.say(f"filtered: {len(u):,} interactions left")
@@ -671,25 +671,14 @@ def _stats(lengths, n_items, filters, log, min_count, min_rating) -> dict:
 # --------------------------------------------------------------------------- writing
 
 def write_dataset(dataset: dict, stats: dict, out_dir, overwrite: bool = False) -> Path:
-    """Write dataset.pkl and stats.json into out_dir, atomically per file."""
+    """Write dataset.pkl, then stats.json, into out_dir, each atomically: a failure while writing leaves
+    the earlier file in place."""
     out_dir = Path(out_dir)
     targets = [out_dir / "dataset.pkl", out_dir / "stats.json"]
     _check_free(targets, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    temps = []
-    try:
-        # Both temporaries are complete before either rename, so a failure while
-        # writing leaves any earlier dataset untouched.
-        temps.append(_write_temp(out_dir, lambda f: pickle.dump(dataset, f,
-                                                                protocol=PICKLE_PROTOCOL)))
-        temps.append(_write_temp(out_dir, lambda f: f.write(
-            (json.dumps(stats, indent=2) + "\n").encode())))
-        for tmp, target in zip(temps, targets):
-            os.replace(tmp, target)
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    write_atomic(targets[0], lambda f: pickle.dump(dataset, f, protocol=PICKLE_PROTOCOL), binary=True)
+    write_atomic(targets[1], lambda f: f.write(json.dumps(stats, indent=2) + "\n"))
     return targets[0]
 
 
@@ -698,27 +687,7 @@ def _check_free(targets, overwrite: bool) -> None:
         return
     for target in targets:
         if target.exists():
-            raise PrepareError(f"{target} already exists; pass --overwrite to replace it")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_temp(folder: Path, write: Callable) -> str:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".prepare-", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; use the usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
+            raise DataError(f"{target} already exists; pass --overwrite to replace it")
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -728,8 +697,7 @@ def prepare(input_path, name: str, data_dir=None, fmt: str = "auto", user_col=No
             min_count: int = 5, overwrite: bool = False, encoding: str = "utf-8",
             verbose: bool = False):
     """Read, preprocess and write in one call.  Returns (out_dir, stats)."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\"):
-        raise PrepareError(f"--name must be a plain folder name, got {name!r}")
+    check_name(name)  # the rule main.py applies to --dataset
     out_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     out_dir = out_dir / name
     # Check before the (possibly long) read, and again when writing.
@@ -780,7 +748,7 @@ def main(argv=None) -> int:
             args.input, args.name, args.data_dir, args.fmt, args.user_col, args.item_col,
             args.time_col, args.rating_col, args.min_rating, args.min_count,
             args.overwrite, args.encoding, verbose=not args.quiet)
-    except PrepareError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:          # e.g. output folder not writable, disk full

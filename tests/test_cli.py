@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import main
-from utils import make_synthetic
+from data import make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--hidden_size', '32', '--num_blocks', '1', '--log_file', '']
@@ -59,9 +59,9 @@ def test_final_model_is_tested_when_no_validation_ran(tmp_path, epochs):
     assert set(res['test']) == {'HR@5', 'HR@10', 'HR@20', 'NDCG@5', 'NDCG@10', 'NDCG@20'}
 
 
-def test_real_dataset_smoke_run(tmp_path, shared_data_dir):
+def test_real_dataset_smoke_run(tmp_path, real_data_dir):
     out = str(tmp_path / 'run')
-    assert main.main(['--dataset', 'toys', '--data_dir', str(shared_data_dir), '--epochs', '2',
+    assert main.main(['--dataset', 'toys', '--data_dir', str(real_data_dir), '--epochs', '2',
                       '--eval_interval', '1', '--limit_train_batches', '2', '--limit_eval_batches', '1',
                       '--out_dir', out] + TINY) == 0
     res = read_results(out)

@@ -9,7 +9,9 @@ import torch
 import main
 import utils
 from model import DiffuRec
-from trainer import Trainer, average_metrics, evaluate, kept_selection, load_checkpoint, metric_names
+from metrics import average_metrics, evaluate, metric_names
+from trainer import Trainer, kept_selection, load_checkpoint
+from data import build_samples, make_synthetic
 
 TINY = ['--dataset', 'synthetic', '--hidden_size', '16', '--num_blocks', '1', '--diffusion_steps', '8',
         '--max_len', '20', '--log_file', '']
@@ -20,7 +22,7 @@ def tiny_trainer(tmp_path, *flags):
     os.makedirs(tmp_path, exist_ok=True)
     cfg = main.parse_config(TINY + ['--out_dir', str(tmp_path)] + list(flags))
     utils.set_seed(cfg.random_seed)
-    samples = utils.build_samples(utils.make_synthetic(n_users=60, n_items=40), cfg.max_len)
+    samples = build_samples(make_synthetic(n_users=60, n_items=40), cfg.max_len)
     model = DiffuRec.from_config(cfg, 40)
     return Trainer(model, cfg, samples, str(tmp_path), torch.device('cpu'), utils.RunLog([], enabled=False))
 
@@ -63,22 +65,27 @@ def small_eval_setup():
 @pytest.mark.parametrize('exclude', [False, True])
 def test_topk_collection_and_exclude_history(exclude):
     """evaluate(topk_items=...) collects each row's top-K of the very scores that were ranked; with
-    exclude_history no item of the input appears in it (without, some do: the check is not vacuous)."""
+    histories no item of a row's history appears in it (without, some do: the check is not vacuous)."""
     model, inputs, labels = small_eval_setup()
+    # each row's history: its input items and one more item the input window no longer shows
+    histories = [[i for i in row if i] + [(r % 30) + 1] for r, row in enumerate(inputs.tolist())]
+    excluded = histories if exclude else None
     torch.manual_seed(5)
-    plain = evaluate(model, inputs, labels, [5, 20], 4, torch.device('cpu'), exclude_history=exclude,
+    plain = evaluate(model, inputs, labels, [5, 20], 4, torch.device('cpu'), histories=excluded,
                      show_progress=False)
     collected = []
     torch.manual_seed(5)
-    metrics = evaluate(model, inputs, labels, [5, 20], 4, torch.device('cpu'), exclude_history=exclude,
+    metrics = evaluate(model, inputs, labels, [5, 20], 4, torch.device('cpu'), histories=excluded,
                        show_progress=False, topk_items=collected)
     assert metrics == plain  # collecting changes nothing
     top = torch.cat(collected)
     torch.manual_seed(5)
-    expected = torch.cat([model.scores(inputs[i:i + 4], exclude_history=exclude).topk(20, dim=1).indices
-                          for i in range(0, 10, 4)])
-    assert top.shape == (10, 20) and torch.equal(top, expected)
-    overlap = sum(len(set(top[r].tolist()) & (set(inputs[r].tolist()) - {0})) for r in range(10))
+    scores = torch.cat([model.scores(inputs[i:i + 4]) for i in range(0, 10, 4)])
+    if exclude:
+        for r, h in enumerate(histories):
+            scores[r, h] = float('-inf')
+    assert top.shape == (10, 20) and torch.equal(top, scores.topk(20, dim=1).indices)
+    overlap = sum(len(set(top[r].tolist()) & set(histories[r])) for r in range(10))
     assert (overlap == 0) if exclude else (overlap > 0)
 
 
@@ -91,7 +98,7 @@ def test_select_metric_keeps_the_best_on_that_metric_alone(tmp_path):
     for select, kept in ((None, 3), ('NDCG@10', 2)):
         trainer = tiny_trainer(tmp_path / str(select), *(['--select_metric', select] if select else []))
         for epoch in (1, 2, 3):
-            trainer.evaluate = lambda split, stop=None, metrics=script[epoch]: metrics
+            trainer.evaluate_split = lambda split, stop=None, metrics=script[epoch]: metrics
             with torch.no_grad():
                 trainer.module.item_table.weight.fill_(float(epoch))  # the weights say which epoch they are
             trainer.validate(epoch)

@@ -1,4 +1,4 @@
-"""Golden values of spec section 3: schedules, posterior coefficients, log-variance, time embedding, samplers."""
+"""Golden values of the diffusion: schedules, posterior coefficients, log-variance, time embedding, samplers."""
 import numpy as np
 import pytest
 import torch

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main
-from utils import build_samples, make_synthetic
+from data import build_samples, make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--hidden_size', '32', '--num_blocks', '1', '--log_file', '']

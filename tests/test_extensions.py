@@ -103,9 +103,9 @@ def test_sample_steps_reach_validation_and_test(tmp_path, monkeypatch, flags, ex
     seen = []
     scores = DiffuRec.scores
 
-    def recording_scores(self, seq, exclude_history=False, sample_steps=None):
+    def recording_scores(self, seq, sample_steps=None):
         seen.append(sample_steps)
-        return scores(self, seq, exclude_history=exclude_history, sample_steps=sample_steps)
+        return scores(self, seq, sample_steps=sample_steps)
 
     monkeypatch.setattr(DiffuRec, 'scores', recording_scores)
     out = str(tmp_path / 'run')
@@ -248,3 +248,25 @@ def test_lambda_zero_runs_end_to_end(tmp_path):
     res = read_results(out)
     assert res['config']['lambda_uncertainty'] == 0.0 and res['kept_epoch'] == 1
     assert all(np.isfinite(res['epoch_losses'])) and all(np.isfinite(list(res['test'].values())))
+
+
+def test_exclude_history_removes_the_whole_history_not_only_the_input_window(tmp_path, monkeypatch):
+    """--exclude_history leaves out every item the user interacted with before the predicted item, also the
+    ones older than the max_len window of the input."""
+    import data
+    import metrics
+    seen = []
+    exclude = metrics.exclude_items
+
+    def recording(scores, histories):
+        seen.extend(histories)
+        return exclude(scores, histories)
+
+    monkeypatch.setattr(metrics, 'exclude_items', recording)
+    out = str(tmp_path / 'run')
+    assert main.main(TINY + ['--max_len', '3', '--exclude_history', '--out_dir', out]) == 0
+    synthetic = data.make_synthetic()
+    val, test = data.histories(synthetic, 'val'), data.histories(synthetic, 'test')
+    batch = 64  # TINY: one validation batch, then one test batch
+    assert seen == val[:batch] + test[:batch]
+    assert min(len(h) for h in seen) > 3  # longer than the input window

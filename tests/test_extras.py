@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import main
-import utils
 from model import DiffuRec
 from recommend import load_run, top_items, write_recommendations
-from trainer import diversity_metrics, save_atomic
+from metrics import diversity_metrics
+from utils import write_atomic
+from data import DataError, load_item_categories, make_synthetic
+from plots import plot_curves
 
 FAST = ['--hidden_size', '16', '--num_blocks', '1', '--diffusion_steps', '8', '--max_len', '20', '--log_file', '',
         '--epochs', '2', '--eval_interval', '1', '--limit_train_batches', '2']
@@ -48,7 +50,7 @@ def mapped(tmp_path_factory):
     """(data_dir, dataset, run_dir): synthetic data (50 users, 60 items) with string item ids 'B1007'..
     and user ids 5000, 5003, .., trained for 2 epochs with a category file (category = new id mod 4)."""
     root = tmp_path_factory.mktemp('mapped')
-    data = utils.make_synthetic(n_users=50, n_items=60)
+    data = make_synthetic(n_users=50, n_items=60)
     data['smap'] = {original_item(i): i for i in range(1, 61)}
     data['umap'] = {original_user(u): u for u in range(50)}
     os.makedirs(root / 'data' / 'mapped')
@@ -123,7 +125,8 @@ def test_recommend_uses_the_kept_model(mapped, tmp_path):
     for kept_model, expected in ((kept, kept), (None, checkpoint['model'])):
         copy_dir = tmp_path / ('kept' if kept_model else 'none')
         copy_dir.mkdir()
-        save_atomic(dict(checkpoint, kept_model=kept_model), str(copy_dir / 'checkpoint.pt'))
+        write_atomic(str(copy_dir / 'checkpoint.pt'), lambda f: torch.save(dict(checkpoint, kept_model=kept_model), f),
+                     binary=True)
         model, config, _ = load_run(str(copy_dir))
         assert config['dataset'] == 'mapped' and not model.training
         for name, value in model.state_dict().items():
@@ -172,7 +175,7 @@ def test_curves_without_matplotlib_give_a_notice(tmp_path, monkeypatch):
     for name in ('matplotlib', 'matplotlib.figure', 'matplotlib.backends.backend_agg'):
         monkeypatch.setitem(sys.modules, name, None)  # `import` now raises ImportError
     history = [{'epoch': 1, 'HR@5': 1.0}]
-    assert utils.plot_curves(str(tmp_path / 'c.png'), [2.0, 1.0], history, ['HR@5']) is False
+    assert plot_curves(str(tmp_path / 'c.png'), [2.0, 1.0], history, ['HR@5']) is False
     lines = []
     trainer = types.SimpleNamespace(epoch_losses=[2.0, 1.0], history=history, kept_epoch=1)
     main.write_curves(str(tmp_path), trainer, [5], lines.append)
@@ -204,8 +207,8 @@ def test_category_files_json_and_csv(tmp_path):
     smap = {'a1': 1, 'a2': 2, 'a3': 3}
     (tmp_path / 'c.json').write_text(json.dumps({'a1': 'toy', 'a2': ['toy', 'book'], 'zz': 'ignored'}))
     (tmp_path / 'c.csv').write_text('a1,toy\na2,toy\na2,book\nzz,ignored\n')
-    from_json, names = utils.load_item_categories(str(tmp_path / 'c.json'), smap)
-    from_csv, names_csv = utils.load_item_categories(str(tmp_path / 'c.csv'), smap)
+    from_json, names = load_item_categories(str(tmp_path / 'c.json'), smap)
+    from_csv, names_csv = load_item_categories(str(tmp_path / 'c.csv'), smap)
     assert names == names_csv == ['book', 'toy']
     assert torch.equal(from_json, from_csv)
     assert from_json.tolist() == [[False, False], [False, True], [True, True], [False, False]]
@@ -214,10 +217,10 @@ def test_category_files_json_and_csv(tmp_path):
                                 ('bad.json', '{"a1": ', 'not a readable'),
                                 ('list.json', '[1, 2]', 'JSON object')):
         (tmp_path / name).write_text(text)
-        with pytest.raises(utils.DataError, match=message):
-            utils.load_item_categories(str(tmp_path / name), smap)
-    with pytest.raises(utils.DataError, match='cannot read'):
-        utils.load_item_categories(str(tmp_path / 'missing.csv'), smap)
+        with pytest.raises(DataError, match=message):
+            load_item_categories(str(tmp_path / name), smap)
+    with pytest.raises(DataError, match='cannot read'):
+        load_item_categories(str(tmp_path / 'missing.csv'), smap)
 
 
 def test_results_report_diversity(mapped):

@@ -1,4 +1,4 @@
-"""Parity with the reference implementation's own outputs on a tiny model (shared/golden/forward_tiny.json)."""
+"""Parity with the reference implementation's own outputs on a tiny model (tests/golden/forward_tiny.json)."""
 import contextlib
 import json
 import os
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffurec import onednn_linear_works, timestep_embedding
 from model import DiffuRec
 
-GOLDEN = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'golden', 'forward_tiny.json')
+GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'forward_tiny.json')
 
 
 def golden_model(golden):

@@ -103,7 +103,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint
 
 
 def test_resume_refuses_another_config_or_dataset_and_bad_checkpoints(tmp_path, capsys):
-    from utils import make_synthetic
+    from data import make_synthetic
     run_dir, data_dir = str(tmp_path / 'run'), tmp_path / 'data'
     (data_dir / 'mine').mkdir(parents=True)
 

@@ -10,7 +10,7 @@ import torch
 from diffurec import Dropout, keep_mask, onednn_linear_works
 from model import DiffuRec
 from spec_reference import PlainApproximator, plain_embed, plain_reverse
-from trainer import label_ranks, rank_metrics
+from metrics import evaluate, label_ranks, rank_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,6 +218,28 @@ def test_metric_golden_example():
     per_row = rank_metrics(label_ranks(scores, torch.tensor([3, 2, 0])), [1, 2, 5]).mean(0)
     expected = [0, 1 / 3, 2 / 3, 0, 0.2103099, 0.3392608]  # HR@1, HR@2, HR@5, NDCG@1, NDCG@2, NDCG@5
     torch.testing.assert_close(per_row, torch.tensor(expected, dtype=torch.float64), atol=1e-7, rtol=0)
+
+
+def test_ties_count_against_the_label_and_non_finite_labels_rank_last():
+    scores = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.1, 0.9, 0.9, 0.2], [0.3, float('nan'), 0.1, 0.2],
+                           [0.3, float('-inf'), 0.1, 0.2]])
+    ranks = label_ranks(scores, torch.tensor([2, 1, 1, 1]))
+    # all tied: last of 4; tied with one other: 2; NaN and -inf labels: last
+    assert ranks.tolist() == [4, 2, 4, 4]
+
+
+def test_a_collapsed_model_scores_no_hits():
+    """Every item scores the same: HR@K must be at most K / n_items, not 100 (ties count against the label)."""
+    class Collapsed(torch.nn.Module):
+        n_items = 40
+
+        def scores(self, seq, sample_steps=None):
+            return torch.zeros(len(seq), self.n_items + 1)
+
+    inputs, labels = torch.randint(1, 41, (32, 5)), torch.randint(1, 41, (32,))
+    result = evaluate(Collapsed(), inputs, labels, [5, 10], 8, torch.device('cpu'), show_progress=False)
+    assert result['HR@10'] <= 100 * 10 / 40 and result['HR@5'] <= 100 * 5 / 40
+    assert result == dict.fromkeys(['HR@5', 'HR@10', 'NDCG@5', 'NDCG@10'], 0.0)
 
 
 def test_bf16_sampling_copy_stays_close_to_fp32():

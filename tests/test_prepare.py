@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "datasets" / "prepare.py"
@@ -38,7 +39,7 @@ def _load_prepare():
 
 
 prep = _load_prepare()
-PrepareError = prep.PrepareError
+PrepareError = prep.DataError
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -472,7 +473,7 @@ def test_cli_writes_loadable_dataset(tmp_path):
     assert stats["options"]["min_rating"] == 3 and stats["users"] == 3
     # the project's own loader accepts it (what main.py --dataset hand uses)
     import utils
-    assert utils.load_dataset("hand", str(tmp_path / "data"), download=False) == HAND_EXPECTED
+    assert load_dataset("hand", str(tmp_path / "data"), download=False) == HAND_EXPECTED
 
 
 def test_default_output_folder_is_in_the_repository():
@@ -556,7 +557,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert_one_line_error(run_main(capsys, tmp_path / "missing.csv", "--name", "x",
                                    "--data_dir", tmp_path), "cannot open")
     assert_one_line_error(run_main(capsys, src, "--name", "../y", "--data_dir", tmp_path),
-                          "plain folder name")
+                          "plain directory name")
+    # main.py refuses a leading dot (--dataset .x), so prepare.py refuses to make one
+    assert_one_line_error(run_main(capsys, src, "--name", ".x", "--data_dir", tmp_path),
+                          "invalid dataset name '.x'")
     assert not (tmp_path / "x").exists()
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import main
-import utils
 from model import DiffuRec
-from sasrec import SASRec, sequence_samples
-from trainer import evaluate, label_ranks, rank_metrics
+from data import build_samples, make_synthetic, sequence_samples
+from metrics import evaluate, label_ranks, rank_metrics
+from sasrec import SASRec
 
 TINY = dict(hidden_size=16, num_blocks=2, heads=2, dropout=0.2, emb_dropout=0.2, max_len=12)
 
@@ -70,8 +70,8 @@ def test_padding_positions_never_reach_the_loss():
 
 
 def test_both_models_go_through_the_same_evaluation():
-    data = utils.make_synthetic(n_users=40, n_items=30)
-    inputs, labels = utils.build_samples(data, TINY['max_len'])['test']
+    data = make_synthetic(n_users=40, n_items=30)
+    inputs, labels = build_samples(data, TINY['max_len'])['test']
     ks = [5, 10]
     for model in (tiny_sasrec(), DiffuRec(30, hidden_size=16, num_blocks=1, heads=2, diffusion_steps=4)):
         calls = []

@@ -1,4 +1,4 @@
-"""A plain, readable implementation of DIFFUREC_SPEC.md section 2, written the way the authors' code computes it
+"""A plain, readable implementation of the DiffuRec forward pass, written the way the authors' code computes it
 (hand-written LayerNorm and GELU, explicit score matrix, the mask built by repeat to B x H x L x L, every
 position through every block). Tests and `bench.py --compare` hold the fast model in model.py against it.
 
@@ -21,7 +21,7 @@ def gelu_tanh(x):
     return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
-def linear(x, layer):
+def linear(layer, x):
     return x @ layer.weight.t() + layer.bias
 
 
@@ -40,7 +40,7 @@ class PlainApproximator(nn.Module):
     def attention(self, block, x, mask):
         B, L, d = x.shape
         H = block.attn.heads
-        q, k, v = [linear(x, layer).view(B, L, H, d // H).transpose(1, 2)
+        q, k, v = [linear(layer, x).view(B, L, H, d // H).transpose(1, 2)
                    for layer in (block.attn.q, block.attn.k, block.attn.v)]
         scores = q @ k.transpose(-2, -1) / math.sqrt(d // H)  # (B, H, L, L)
         if self.mask_mode == 'query':  # the reference: whole rows of padded queries set to -1e9
@@ -54,14 +54,14 @@ class PlainApproximator(nn.Module):
             scores = scores.masked_fill(~allowed, -1e9)
         probs = self.drop(F.softmax(scores, dim=-1))
         y = (probs @ v).transpose(1, 2).contiguous().view(B, L, d)
-        return linear(y, block.attn.out)
+        return linear(block.attn.out, y)
 
     def transformer(self, u, mask):
         x = u
         for block in self.fast.blocks:
             x = x + self.drop(self.attention(block, layer_norm(x, block.ln_attn.weight, block.ln_attn.bias), mask))
-            hidden = gelu_tanh(linear(layer_norm(x, block.ln_ffn.weight, block.ln_ffn.bias), block.w1))
-            x = x + self.drop(linear(self.drop(hidden), block.w2))
+            hidden = gelu_tanh(linear(block.w1, layer_norm(x, block.ln_ffn.weight, block.ln_ffn.bias)))
+            x = x + self.drop(linear(block.w2, self.drop(hidden)))
             x = self.drop(x)
         return layer_norm(self.drop(x), self.fast.out_ln.weight, self.fast.out_ln.bias)
 
@@ -72,7 +72,7 @@ class PlainApproximator(nn.Module):
         args = t_scaled[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         mlp = self.fast.time_mlp
-        return linear(F.silu(linear(emb, mlp[0])), mlp[2])
+        return linear(mlp[2], F.silu(linear(mlp[0], emb)))
 
     def forward(self, h, x_t, t_scaled, mask, lam):
         z = x_t + self.time_embedding(t_scaled)
