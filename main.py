@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import warnings
 
@@ -20,8 +21,8 @@ import utils
 from model import MODELS, build_model
 from sasrec import sequence_samples
 from recommend import recommend
-from trainer import (RunStopped, Trainer, diversity_metrics, kept_selection, load_checkpoint,
-                     metric_names, metrics_table)
+from trainer import (RunStopped, TimeBudget, TimeUp, Trainer, diversity_metrics, kept_selection,
+                     load_checkpoint, metric_names, metrics_table)
 
 METRIC_CHOICES = ('batch', 'user')
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'datasets', 'data')
@@ -32,6 +33,16 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
     return value
+
+
+def duration(text):
+    """--time_limit: seconds, or a number with suffix s, m or h ('90', '90s', '9m', '1.5h') -> seconds."""
+    match = re.fullmatch(r'(\d+\.?\d*|\.\d+)([smh]?)', text.strip())
+    seconds = float(match[1]) * {'': 1, 's': 1, 'm': 60, 'h': 3600}[match[2]] if match else 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f'expected a positive number of seconds, or one with suffix s, m or h '
+                                         f'(90, 90s, 9m, 1.5h), got {text!r}')
+    return seconds
 
 
 def build_parser():
@@ -126,6 +137,9 @@ def build_parser():
     run.add_argument('--limit_train_batches', type=positive_int, default=None, help='smoke runs: batches per epoch')
     run.add_argument('--limit_eval_batches', type=positive_int, default=None, help='smoke runs: batches per evaluation')
     run.add_argument('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR')
+    run.add_argument('--time_limit', type=duration, default=None, metavar='T',
+                     help='stop before T (seconds, or 90s, 9m, 1.5h) with a checkpoint and exit status 3, to be '
+                          'continued with --resume; the limit is per invocation: give it again with --resume')
     run.add_argument('--seeds', type=int, nargs='+', default=None, metavar='S',
                      help='one run per seed in <out_dir>/seed_<S>/, then mean +- std in <out_dir>/aggregate.json')
 
@@ -216,7 +230,8 @@ def given_flags(parser, argv):
 
 
 # Flags that may change when a run is resumed: where and how it runs, not what it computes.
-RESUME_MAY_CHANGE = {'resume', 'device', 'num_gpu', 'data_dir', 'log_file', 'description', 'compile', 'out_dir'}
+RESUME_MAY_CHANGE = {'resume', 'device', 'num_gpu', 'data_dir', 'log_file', 'description', 'compile', 'out_dir',
+                     'time_limit'}
 
 
 def resumed_config(cfg, given):
@@ -230,6 +245,7 @@ def resumed_config(cfg, given):
             + '; resume with its own flags or start a new run')
     for name in given & RESUME_MAY_CHANGE:
         setattr(saved, name, getattr(cfg, name))
+    saved.time_limit = cfg.time_limit  # a budget belongs to one invocation: never inherited from the run
     saved.resume, saved.out_dir = cfg.resume, cfg.resume
     return saved
 
@@ -295,6 +311,7 @@ def write_json(obj, path):
 
 def run(cfg):
     """One experiment from a parsed config: returns the results dict (also written to results.json)."""
+    budget = TimeBudget(cfg.time_limit) if cfg.time_limit else None  # counted from here: data loading included
     check_config(cfg)
     if cfg.loss_lambda != 0.001:
         warnings.warn('--loss_lambda has no effect: the reference objective never uses it', stacklevel=1)
@@ -346,7 +363,7 @@ def run(cfg):
         log('smoke run: --limit_train_batches/--limit_eval_batches set, results are marked smoke')
 
     trainer = Trainer(distribute(model, device, world), cfg, samples, run_dir, device, log, rank=rank, world=world,
-                      data_checksum=data_checksum)
+                      data_checksum=data_checksum, budget=budget)
     if cfg.resume:
         resume(trainer, cfg, data_checksum, rank, world)
     trainer.fit()
@@ -438,6 +455,8 @@ def run_seeds(cfg):
         raise ValueError(f'--seeds lists {duplicate} twice; give each seed once')
     if cfg.resume:
         raise ValueError('--seeds cannot be combined with --resume; resume each <out_dir>/seed_<S> run on its own')
+    if cfg.time_limit:
+        raise ValueError('--seeds cannot be combined with --time_limit; run each seed on its own with --random_seed')
     check_config(cfg)
     base = make_run_dir(cfg)
     per_seed = {}
@@ -467,12 +486,17 @@ def run_command(cfg):
 
 
 def main(argv=None):
+    """Exit status: 0 done; 1 interrupted or a non-finite loss; 2 bad input; 3 stopped by --time_limit
+    (resumable, not finished)."""
     utils.keep_freed_memory()
     try:
         run_command(parse_config(argv))
     except (ValueError, utils.DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except TimeUp as e:  # resumable, not finished
+        print(str(e), file=sys.stderr)
+        return 3
     except RunStopped as e:
         print(str(e), file=sys.stderr)
         return 1
