@@ -18,6 +18,7 @@ import warnings
 import torch
 
 import utils
+from board import Board, require_tensorboard
 from model import MODELS, build_model
 from sasrec import sequence_samples
 from recommend import recommend
@@ -140,6 +141,9 @@ def build_parser():
     run.add_argument('--time_limit', type=duration, default=None, metavar='T',
                      help='stop before T (seconds, or 90s, 9m, 1.5h) with a checkpoint and exit status 3, to be '
                           'continued with --resume; the limit is per invocation: give it again with --resume')
+    run.add_argument('--tensorboard', default=None, metavar='DIR',
+                     help='also log the training loss, learning rate and validation metrics per epoch for '
+                          'TensorBoard in DIR (needs the tensorboard package)')
     run.add_argument('--seeds', type=int, nargs='+', default=None, metavar='S',
                      help='one run per seed in <out_dir>/seed_<S>/, then mean +- std in <out_dir>/aggregate.json')
 
@@ -231,13 +235,14 @@ def given_flags(parser, argv):
 
 # Flags that may change when a run is resumed: where and how it runs, not what it computes.
 RESUME_MAY_CHANGE = {'resume', 'device', 'num_gpu', 'data_dir', 'log_file', 'description', 'compile', 'out_dir',
-                     'time_limit'}
+                     'time_limit', 'tensorboard'}
 
 
 def resumed_config(cfg, given):
     """The config saved in cfg.resume's checkpoint; a given flag that would change it is refused by name."""
     state = load_checkpoint(os.path.join(cfg.resume, 'checkpoint.pt'))
-    saved = argparse.Namespace(**{'model': 'diffurec', **state['config']})  # runs from before --model: DiffuRec
+    # runs from before --model: DiffuRec; from before --tensorboard: none
+    saved = argparse.Namespace(**{'model': 'diffurec', 'tensorboard': None, **state['config']})
     differ = sorted(name for name in given - RESUME_MAY_CHANGE if getattr(cfg, name) != getattr(saved, name, None))
     if differ:
         raise ValueError(f'--resume {cfg.resume}: the run was made with ' + ', '.join(
@@ -313,6 +318,8 @@ def run(cfg):
     """One experiment from a parsed config: returns the results dict (also written to results.json)."""
     budget = TimeBudget(cfg.time_limit) if cfg.time_limit else None  # counted from here: data loading included
     check_config(cfg)
+    if cfg.tensorboard:
+        require_tensorboard()  # its absence is an error before any work
     if cfg.loss_lambda != 0.001:
         warnings.warn('--loss_lambda has no effect: the reference objective never uses it', stacklevel=1)
     rank, world, local_rank = utils.torchrun_env()
@@ -366,7 +373,16 @@ def run(cfg):
                       data_checksum=data_checksum, budget=budget)
     if cfg.resume:
         resume(trainer, cfg, data_checksum, rank, world)
-    trainer.fit()
+    if cfg.tensorboard and rank == 0:
+        # A resumed run logs from the first epoch its checkpoint has not trained; TensorBoard hides what the
+        # earlier process logged from there on.
+        trainer.board = Board(cfg.tensorboard, purge_step=len(trainer.epoch_losses) if cfg.resume else None)
+        log(f'TensorBoard scalars written to {cfg.tensorboard}')
+    try:
+        trainer.fit()
+    finally:
+        if trainer.board is not None:
+            trainer.board.close()
 
     if trainer.kept_state is None:
         log('no validation ran (epochs <= eval_interval): testing the final model')
@@ -462,7 +478,8 @@ def run_seeds(cfg):
     per_seed = {}
     for seed in cfg.seeds:
         one = argparse.Namespace(**{**vars(cfg), 'random_seed': seed, 'seeds': None,
-                                    'out_dir': os.path.join(base, f'seed_{seed}')})
+                                    'out_dir': os.path.join(base, f'seed_{seed}'),
+                                    'tensorboard': cfg.tensorboard and os.path.join(cfg.tensorboard, f'seed_{seed}')})
         per_seed[seed] = run(one)
     aggregate = aggregate_results(per_seed)
     aggregate['runs'] = {str(seed): os.path.join(base, f'seed_{seed}') for seed in cfg.seeds}

@@ -236,6 +236,7 @@ class Trainer:
     cfg: the main.py namespace; run_dir: where checkpoints and metrics go (written by rank 0 only).
     budget: a TimeBudget, or None: before each step, validation and the test the trainer checks that the work
     and the checkpoint write after it fit in the time left, else writes the checkpoint and raises TimeUp.
+    board: a board.Board (set by the caller on rank 0) that receives the per-epoch and validation scalars.
     """
 
     def __init__(self, model, cfg, samples, run_dir, device, log, rank=0, world=1, data_checksum='', budget=None):
@@ -271,6 +272,7 @@ class Trainer:
         # the last training step, the last whole validation, the last checkpoint write.
         self.timing = {'step': None, 'val': None, 'save': None}
         self._time_up = False
+        self.board = None
 
     # -- checkpoint state ----------------------------------------------------------------------------------
     def state_dict(self):
@@ -307,6 +309,8 @@ class Trainer:
         utils.set_rng_state(state['rng'])
 
     def save(self):
+        if self.board is not None:  # the board holds at least what the checkpoint knows
+            self.board.flush()
         if self.rank == 0:
             begun = self.clock()
             save_atomic(self.state_dict(), os.path.join(self.run_dir, 'checkpoint.pt'))
@@ -494,11 +498,14 @@ class Trainer:
                 self._stop()
         self._stop_after_epoch = stopping  # the epoch's bookkeeping below is done first, then fit() stops
         self._finish_partial_epoch(loss_sum, start)
+        lr = self.optimizer.param_groups[0]['lr']  # the rate this epoch trained with
         self.scheduler.step()
         self.epoch_seconds.append(round(self.epoch_elapsed, 3))
         mean_loss = self.epoch_loss / self.n_batches
         self.epoch_losses.append(mean_loss)
         self.log(f'epoch {self.epoch:4d}  loss {mean_loss:.4f}  {self.epoch_elapsed:.1f}s')
+        if self.board is not None:
+            self.board.epoch(self.epoch, mean_loss, lr, self.epoch_elapsed)
 
     def _finish_partial_epoch(self, loss_sum, start):
         """Fold this piece of the epoch (called once per train_epoch) into epoch_loss and epoch_elapsed."""
@@ -569,6 +576,8 @@ class Trainer:
         self.history.append(row)
         self.log(f'valid epoch {epoch}: ' + format_metrics(metrics) + f'  ({seconds:.1f}s)'
                  + ('  kept' if selected else f'  bad {self.bad_count}/{self.cfg.patience}'))
+        if self.board is not None:
+            self.board.validation(epoch, metrics, seconds)
         self.save()
         self._write_metrics_csv()
 

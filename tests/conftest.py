@@ -2,6 +2,7 @@
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,37 @@ def shared_data_dir():
     if not path.is_dir():
         pytest.fail(f'no shared datasets at {path} (set DIFFUREC_SHARED_DATA)')
     return path
+
+
+class FakeClock:
+    """Time that passes only with the work: 10 units per training batch and per evaluation batch, nothing
+    for anything else (a checkpoint write takes 0, trainer.SAVE_GUESS = 5 units until one was timed)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """main.run's TimeBudget on a FakeClock that DiffuRec's training and scoring batches advance."""
+    import main
+    import trainer
+    from model import DiffuRec
+    fake = FakeClock()
+    forward, scores = DiffuRec.forward, DiffuRec.scores
+
+    def timed_forward(self, *args, **kwargs):
+        fake.now += 10
+        return forward(self, *args, **kwargs)
+
+    def timed_scores(self, *args, **kwargs):
+        fake.now += 10
+        return scores(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffuRec, 'forward', timed_forward)
+    monkeypatch.setattr(DiffuRec, 'scores', timed_scores)
+    monkeypatch.setattr(main, 'TimeBudget', partial(trainer.TimeBudget, clock=fake))
+    return fake

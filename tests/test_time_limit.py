@@ -5,50 +5,18 @@ import os
 import re
 import subprocess
 import sys
-from functools import partial
 
 import pytest
 import torch
 
 import main
 import trainer
-from model import DiffuRec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 epochs of 4 training batches, a validation (2 batches) after epochs 1, 2 and 3, a test of 2 batches.
 SMALL = ['--dataset', 'synthetic', '--hidden_size', '16', '--num_blocks', '1', '--diffusion_steps', '4',
          '--log_file', '', '--epochs', '4', '--eval_interval', '1', '--limit_train_batches', '4',
          '--limit_eval_batches', '2']
-
-
-class FakeClock:
-    """Time that passes only with the work: 10 units per training batch and per evaluation batch, nothing
-    for anything else (a checkpoint write takes 0, trainer.SAVE_GUESS = 5 units until one was timed)."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    fake = FakeClock()
-    forward, scores = DiffuRec.forward, DiffuRec.scores
-
-    def timed_forward(self, *args, **kwargs):
-        fake.now += 10
-        return forward(self, *args, **kwargs)
-
-    def timed_scores(self, *args, **kwargs):
-        fake.now += 10
-        return scores(self, *args, **kwargs)
-
-    monkeypatch.setattr(DiffuRec, 'forward', timed_forward)
-    monkeypatch.setattr(DiffuRec, 'scores', timed_scores)
-    monkeypatch.setattr(main, 'TimeBudget', partial(trainer.TimeBudget, clock=fake))
-    return fake
 
 
 def stop_lines(err):
