@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -106,3 +107,24 @@ def test_time_limit_with_seeds_is_refused(tmp_path, capsys):
     rc = main.main(SMALL + ['--seeds', '1', '2', '--time_limit', '1h', '--out_dir', str(tmp_path / 'run')])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith('error: --seeds cannot be combined with --time_limit') and '\n' not in err
+
+
+def test_processes_under_torchrun_stop_together(tmp_path):
+    """Two CPU processes: the time-out of either stops both at the same batch, with the same checkpoint."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    run_dir = str(tmp_path / 'run')
+    env = {k: v for k, v in os.environ.items() if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK')}
+    env.update(MASTER_ADDR='127.0.0.1', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
+           '--master_port', str(port), 'main.py'] + SMALL + ['--epochs', '100', '--out_dir', run_dir,
+                                                                    '--time_limit', '10']
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stderr.count('exitcode  : 3') == 2, proc.stderr[-3000:]  # torchrun reports each process's status
+    first, second = stop_lines(proc.stderr)  # one per process, naming the same point: its checkpoint's
+    state = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+    assert first.split(' with ')[0] == second.split(' with ')[0], (first, second)
+    assert first.startswith('time limit 10s: stopped ') and f'epoch {state["epoch"]}' in first, first
+    if ' at epoch ' in first:
+        assert f'at epoch {state["epoch"]} batch {state["batch"]} with' in first
