@@ -10,19 +10,21 @@ import datetime
 import math
 import os
 import platform
+import re
 import sys
 import warnings
 
 import torch
 
 import utils
+from board import Board, require_tensorboard
 from data import (DEFAULT_DATA_DIR, DataError, build_samples, group_users, histories, load_dataset,
                   load_item_categories, samples_checksum, sequence_samples)
 from metrics import diversity_metrics, metric_names, metrics_table
 from model import MODELS, build_model
 from plots import plot_curves
 from recommend import recommend
-from trainer import RunStopped, Trainer, kept_selection, load_checkpoint
+from trainer import RunStopped, TimeBudget, TimeUp, Trainer, kept_selection, load_checkpoint
 
 METRIC_CHOICES = ('batch', 'user')
 
@@ -32,6 +34,16 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
     return value
+
+
+def duration(text):
+    """--time_limit: seconds, or a number with suffix s, m or h ('90', '90s', '9m', '1.5h') -> seconds."""
+    match = re.fullmatch(r'(\d+\.?\d*|\.\d+)([smh]?)', text.strip())
+    seconds = float(match[1]) * {'': 1, 's': 1, 'm': 60, 'h': 3600}[match[2]] if match else 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f'expected a positive number of seconds, or one with suffix s, m or h '
+                                         f'(90, 90s, 9m, 1.5h), got {text!r}')
+    return seconds
 
 
 def build_parser():
@@ -126,6 +138,12 @@ def build_parser():
     run.add_argument('--limit_train_batches', type=positive_int, default=None, help='smoke runs: batches per epoch')
     run.add_argument('--limit_eval_batches', type=positive_int, default=None, help='smoke runs: batches per evaluation')
     run.add_argument('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR')
+    run.add_argument('--time_limit', type=duration, default=None, metavar='T',
+                     help='stop before T (seconds, or 90s, 9m, 1.5h) with a checkpoint and exit status 3, to be '
+                          'continued with --resume; the limit is per invocation: give it again with --resume')
+    run.add_argument('--tensorboard', default=None, metavar='DIR',
+                     help='also log the training loss, learning rate and validation metrics per epoch for '
+                          'TensorBoard in DIR (needs the tensorboard package)')
     run.add_argument('--seeds', type=int, nargs='+', default=None, metavar='S',
                      help='one run per seed in <out_dir>/seed_<S>/, then mean +- std in <out_dir>/aggregate.json')
 
@@ -216,13 +234,15 @@ def given_flags(parser, argv):
 
 
 # Flags that may change when a run is resumed: where and how it runs, not what it computes.
-RESUME_MAY_CHANGE = {'resume', 'device', 'num_gpu', 'data_dir', 'log_file', 'description', 'compile', 'out_dir'}
+RESUME_MAY_CHANGE = {'resume', 'device', 'num_gpu', 'data_dir', 'log_file', 'description', 'compile', 'out_dir',
+                     'time_limit', 'tensorboard'}
 
 
 def resumed_config(cfg, given):
     """The config saved in cfg.resume's checkpoint; a given flag that would change it is refused by name."""
     state = load_checkpoint(os.path.join(cfg.resume, 'checkpoint.pt'))
-    saved = argparse.Namespace(**{'model': 'diffurec', **state['config']})  # runs from before --model: DiffuRec
+    # runs from before --model: DiffuRec; from before --tensorboard: none
+    saved = argparse.Namespace(**{'model': 'diffurec', 'tensorboard': None, **state['config']})
     differ = sorted(name for name in given - RESUME_MAY_CHANGE if getattr(cfg, name) != getattr(saved, name, None))
     if differ:
         raise ValueError(f'--resume {cfg.resume}: the run was made with ' + ', '.join(
@@ -230,6 +250,7 @@ def resumed_config(cfg, given):
             + '; resume with its own flags or start a new run')
     for name in given & RESUME_MAY_CHANGE:
         setattr(saved, name, getattr(cfg, name))
+    saved.time_limit = cfg.time_limit  # a budget belongs to one invocation: never inherited from the run
     saved.resume, saved.out_dir = cfg.resume, cfg.resume
     return saved
 
@@ -289,7 +310,10 @@ def resume(trainer, cfg, data_checksum, rank, world):
 
 def run(cfg):
     """One experiment from a parsed config: returns the results dict (also written to results.json)."""
+    budget = TimeBudget(cfg.time_limit) if cfg.time_limit else None  # counted from here: data loading included
     check_config(cfg)
+    if cfg.tensorboard:
+        require_tensorboard()  # its absence is an error before any work
     if cfg.loss_lambda != 0.001:
         warnings.warn('--loss_lambda has no effect: the reference objective never uses it', stacklevel=1)
     rank, world, local_rank = utils.torchrun_env()
@@ -341,10 +365,19 @@ def run(cfg):
 
     excluded = {split: histories(data, split) for split in ('val', 'test')} if cfg.exclude_history else None
     trainer = Trainer(distribute(model, device, world), cfg, samples, run_dir, device, log, rank=rank, world=world,
-                      data_checksum=data_checksum, histories=excluded)
+                      data_checksum=data_checksum, histories=excluded, budget=budget)
     if cfg.resume:
         resume(trainer, cfg, data_checksum, rank, world)
-    trainer.fit()
+    if cfg.tensorboard and rank == 0:
+        # A resumed run logs from the first epoch its checkpoint has not trained; TensorBoard hides what the
+        # earlier process logged from there on.
+        trainer.board = Board(cfg.tensorboard, purge_step=len(trainer.epoch_losses) if cfg.resume else None)
+        log(f'TensorBoard scalars written to {cfg.tensorboard}')
+    try:
+        trainer.fit()
+    finally:
+        if trainer.board is not None:
+            trainer.board.close()
 
     if trainer.kept_state is None:
         log('no validation ran (epochs <= eval_interval): testing the final model')
@@ -435,12 +468,15 @@ def run_seeds(cfg):
         raise ValueError(f'--seeds lists {duplicate} twice; give each seed once')
     if cfg.resume:
         raise ValueError('--seeds cannot be combined with --resume; resume each <out_dir>/seed_<S> run on its own')
+    if cfg.time_limit:
+        raise ValueError('--seeds cannot be combined with --time_limit; run each seed on its own with --random_seed')
     check_config(cfg)
     base = make_run_dir(cfg)
     per_seed = {}
     for seed in cfg.seeds:
         one = argparse.Namespace(**{**vars(cfg), 'random_seed': seed, 'seeds': None,
-                                    'out_dir': os.path.join(base, f'seed_{seed}')})
+                                    'out_dir': os.path.join(base, f'seed_{seed}'),
+                                    'tensorboard': cfg.tensorboard and os.path.join(cfg.tensorboard, f'seed_{seed}')})
         per_seed[seed] = run(one)
     aggregate = aggregate_results(per_seed)
     aggregate['runs'] = {str(seed): os.path.join(base, f'seed_{seed}') for seed in cfg.seeds}
@@ -464,12 +500,17 @@ def run_command(cfg):
 
 
 def main(argv=None):
+    """Exit status: 0 done; 1 interrupted or a non-finite loss; 2 bad input; 3 stopped by --time_limit
+    (resumable, not finished)."""
     utils.keep_freed_memory()
     try:
         run_command(parse_config(argv))
     except (ValueError, DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except TimeUp as e:  # resumable, not finished
+        print(str(e), file=sys.stderr)
+        return 3
     except RunStopped as e:
         print(str(e), file=sys.stderr)
         return 1

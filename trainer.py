@@ -25,6 +25,33 @@ class RunStopped(Exception):
     """The run stopped before its end (interrupt or a non-finite loss); the message says why and what next."""
 
 
+class TimeUp(RunStopped):
+    """The run stopped to stay within its time budget (--time_limit), with a checkpoint to resume from."""
+
+
+class TimeBudget:
+    """The seconds one invocation may run (--time_limit), counted on `clock` from the budget's creation."""
+
+    def __init__(self, seconds, clock=time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.start = clock()
+
+    def left(self):
+        return self.seconds - (self.clock() - self.start)
+
+
+def format_duration(seconds):
+    """5400 -> '90m', 3600 -> '1h', 95.5 -> '95.5s': a --time_limit value."""
+    for unit, size in (('h', 3600), ('m', 60)):
+        if seconds >= size and seconds % size == 0:
+            return f'{seconds / size:g}{unit}'
+    return f'{seconds:g}s'
+
+
+# Seconds assumed for a checkpoint write until one has been timed; after that, twice the last write.
+SAVE_GUESS = 5.0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
@@ -66,10 +93,13 @@ class Trainer:
     output, with the model's own training samples; histories: {split: data.histories(data, split)}, the
     items --exclude_history leaves out of each ranking;
     cfg: the main.py namespace; run_dir: where checkpoints and metrics go (written by rank 0 only).
+    budget: a TimeBudget, or None: before each step, validation and the test the trainer checks that the work
+    and the checkpoint write after it fit in the time left, else writes the checkpoint and raises TimeUp.
+    board: a board.Board (set by the caller on rank 0) that receives the per-epoch and validation scalars.
     """
 
     def __init__(self, model, cfg, samples, run_dir, device, log, rank=0, world=1, data_checksum='',
-                 histories=None):
+                 histories=None, budget=None):
         self.model = model
         self.module = model.module if hasattr(model, 'module') else model
         self.cfg, self.samples, self.run_dir, self.device = cfg, samples, run_dir, device
@@ -97,6 +127,13 @@ class Trainer:
         self.history = []       # one dict per validation: epoch, loss, seconds, metrics
         self._signal = None
         self._stop_after_epoch = False
+        self.budget = budget
+        self.clock = budget.clock if budget is not None else time.monotonic
+        # Durations on self.clock, kept in the checkpoint so that a resumed piece plans from its start:
+        # the last training step, the last whole validation, the last checkpoint write.
+        self.timing = {'step': None, 'val': None, 'save': None}
+        self._time_up = False
+        self.board = None
 
     # -- checkpoint state ----------------------------------------------------------------------------------
     def state_dict(self):
@@ -116,6 +153,7 @@ class Trainer:
             'config': utils.config_dict(self.cfg),
             'data_checksum': self.data_checksum,
             'n_items': self.module.n_items,
+            'timing': dict(self.timing),
         }
 
     def load_state_dict(self, state):
@@ -128,28 +166,41 @@ class Trainer:
                     'bad_count', 'stopped_early', 'epoch_seconds', 'epoch_losses', 'history'):
             setattr(self, key, state[key])
         self.kept_state = state['kept_model']
+        self.timing.update(state.get('timing') or {})  # absent from checkpoints older than --time_limit
         utils.set_rng_state(state['rng'])
 
     def save(self):
+        if self.board is not None:  # the board holds at least what the checkpoint knows
+            self.board.flush()
         if self.rank == 0:
-            utils.write_atomic(os.path.join(self.run_dir, 'checkpoint.pt'), lambda f: torch.save(self.state_dict(), f), binary=True)
+            begun = self.clock()
+            utils.write_atomic(os.path.join(self.run_dir, 'checkpoint.pt'), lambda f: torch.save(self.state_dict(), f),
+                               binary=True)
+            self.timing['save'] = self.clock() - begun
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self):
-        """Train until `epochs` or early stopping. Raises RunStopped on an interrupt or a non-finite loss."""
+        """Train until `epochs` or early stopping. Raises RunStopped on an interrupt or a non-finite loss,
+        TimeUp when the budget runs out; before the test when the test would not fit in the time left
+        (a resumed run then only tests)."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch < self.cfg.epochs and not self.stopped_early:
                 if self.batch < self.n_batches:
+                    if self._time_runs_out(self._batches_to_check(self.batch) * (self.timing['step'] or 0.0)):
+                        self._stop()
                     self.train_epoch()
                     if self._stop_after_epoch:  # resumes with this epoch's validation, if one is due
-                        self._stop_for_signal()
+                        self._stop()
                 epoch = self.epoch
                 # Advance first, so that a checkpoint written by validate() resumes at the next epoch.
                 self.epoch, self.batch = epoch + 1, 0
                 self.epoch_elapsed, self.epoch_loss = 0.0, 0.0
                 if self.validation_due(epoch):
                     self.validate(epoch)
+            test_seconds = self._test_seconds()
+            if self._time_runs_out(test_seconds):  # the test is never cut: it would be lost whole
+                self._stop(f'before the test (about {test_seconds:.0f}s)')
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -163,11 +214,64 @@ class Trainer:
         self._signal = signum
         self.log(f'{signal.Signals(signum).name} received: finishing this batch and writing the checkpoint')
 
-    def _stop_for_signal(self):
+    def _stop(self, where=None):
+        """Write the checkpoint and raise TimeUp (the budget ran out) or RunStopped (a signal)."""
+        where = where or f'at epoch {self.epoch} batch {self.batch}'
+        if self._time_up:
+            self.log(f'time limit: stopping {where}, writing the checkpoint')
         self.save()
+        if self._time_up:
+            limit = format_duration(self.budget.seconds)
+            raise TimeUp(f'time limit {limit}: stopped {where} with {max(self.budget.left(), 0):.0f}s left; '
+                         f'checkpoint written. Resume with: python main.py --resume {self.run_dir} '
+                         f'--time_limit {limit}')
         name = signal.Signals(self._signal).name
-        raise RunStopped(f'{name}: stopped at epoch {self.epoch} batch {self.batch}; checkpoint written. '
+        raise RunStopped(f'{name}: stopped {where}; checkpoint written. '
                          f'Resume with: python main.py --resume {self.run_dir}')
+
+    # -- the time budget -----------------------------------------------------------------------------------
+    def _short_of_time(self, seconds):
+        """Whether `seconds` of work and the checkpoint write after it would overrun the budget (one process)."""
+        if self.budget is None:
+            return False
+        save = SAVE_GUESS if self.timing['save'] is None else 2 * self.timing['save']
+        return self.budget.left() < seconds + save
+
+    def _time_runs_out(self, seconds):
+        """_short_of_time, agreed by every process (a collective when world > 1 and a budget is set)."""
+        if self.budget is None:
+            return False
+        self._time_up = self._short_of_time(seconds)
+        if self.world > 1:
+            self._agree(torch.tensor(-1, device=self.device))
+        return self._time_up
+
+    def _batches_to_check(self, b):
+        """Batches from batch b (the next to run) through the next point where the run may stop: 1
+        with one process; with several, the next check point of train_epoch (every 25th batch, the last)."""
+        if self.world == 1:
+            return 1
+        return min(-(-b // 25) * 25, self.n_batches - 1) - b + 1
+
+    def _test_seconds(self):
+        """Estimated seconds of the test phase: the last validation's, scaled by the reverse steps, three times
+        over with --long_head (its groups cover the users twice more). 0 when no validation was timed."""
+        if self.timing['val'] is None:
+            return 0.0
+        steps = {split: self.sample_steps(split) or self.cfg.diffusion_steps for split in ('val', 'test')}
+        return self.timing['val'] * steps['test'] / steps['val'] * (3 if self.cfg.long_head else 1)
+
+    def _validation_stop(self):
+        """stop() for a validation on one process: a signal, or too little time for one more batch (as long as
+        the last) and the checkpoint write."""
+        last = [None]
+
+        def stop():
+            now = self.clock()
+            batch_seconds, last[0] = (0.0 if last[0] is None else now - last[0]), now
+            self._time_up = self._short_of_time(batch_seconds)
+            return self._signal is not None or self._time_up
+        return stop
 
     def batch_rows(self, perm, b):
         """Rows of global batch b that this process trains on: its slice of the batch."""
@@ -186,20 +290,24 @@ class Trainer:
         return rows, 1.0
 
     def _agree(self, bad_step):
-        """Across processes, at the same batch: (first non-finite step or -1, whether a signal stops the run).
+        """Across processes, at the same batch: (first non-finite step or -1, whether a signal or the time
+        budget stops the run).
 
         A collective: each process must call it at the same batch. Every process then stops together,
-        even when the signal or the non-finite loss reached only some of them.
+        even when the signal, the time-out or the non-finite loss reached only some of them.
         """
         never = torch.tensor(self.n_batches, device=self.device)
-        # One MAX all-reduce: minus the earliest bad step (never -> n_batches) and the signal number (0 = none).
+        # One MAX all-reduce: minus the earliest bad step (never -> n_batches), the signal number (0 = none)
+        # and the time-out (0 or 1).
         flags = torch.stack([-torch.where(bad_step < 0, never, bad_step),
-                             torch.tensor(self._signal or 0, device=self.device)])
+                             torch.tensor(self._signal or 0, device=self.device),
+                             torch.tensor(int(self._time_up), device=self.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        first_bad, signum = -int(flags[0]), int(flags[1])
+        first_bad, signum, self._time_up = -int(flags[0]), int(flags[1]), bool(flags[2])
         if signum:
             self._signal = signum
-        return torch.tensor(-1 if first_bad == self.n_batches else first_bad, device=self.device), bool(signum)
+        first_bad = torch.tensor(-1 if first_bad == self.n_batches else first_bad, device=self.device)
+        return first_bad, bool(signum) or self._time_up
 
     def train_epoch(self):
         """Train the rest of epoch self.epoch from batch self.batch; the order is one seeded permutation."""
@@ -209,8 +317,11 @@ class Trainer:
         perm = torch.randperm(len(labels), generator=generator).to(self.device)
         model.train()
         bad_step = torch.tensor(-1, device=self.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # One process continues the epoch's running sum from its earlier pieces: a cut epoch then adds its
+        # losses in the same order as an uninterrupted one, and its mean is the same to the last bit.
+        loss_sum = torch.tensor(self.epoch_loss if self.world == 1 else 0.0, dtype=torch.float64, device=self.device)
         start = time.time()
+        step_began = self.clock()
         bar = tqdm(range(self.batch, self.n_batches), desc=f'epoch {self.epoch}', leave=False,
                    disable=self.rank != 0, dynamic_ncols=True, initial=self.batch, total=self.n_batches)
         for b in bar:
@@ -231,8 +342,12 @@ class Trainer:
             loss_sum += losses.detach().sum().double() * (weight * self.world / global_size)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), b, bad_step)
             self.batch = b + 1
+            now = self.clock()
+            self.timing['step'], step_began = now - step_began, now
             check = b % 25 == 0 or self.batch == self.n_batches
-            stopping = self._signal is not None
+            if self.batch < self.n_batches and (self.world == 1 or check):  # the epoch's end is fit()'s to judge
+                self._time_up = self._short_of_time(self._batches_to_check(self.batch) * self.timing['step'])
+            stopping = self._signal is not None or self._time_up
             if self.world > 1:  # decide together, only at check points: a lone process would wait forever
                 bad_step, stopping = self._agree(bad_step) if check else (bad_step, False)
             if check or stopping:
@@ -242,21 +357,25 @@ class Trainer:
                 bar.set_postfix(loss=f'{loss.detach().float().item():.4f}')
             if stopping and self.batch < self.n_batches:
                 self._finish_partial_epoch(loss_sum, start)
-                self._stop_for_signal()
+                self._stop()
         self._stop_after_epoch = stopping  # the epoch's bookkeeping below is done first, then fit() stops
         self._finish_partial_epoch(loss_sum, start)
+        lr = self.optimizer.param_groups[0]['lr']  # the rate this epoch trained with
         self.scheduler.step()
         self.epoch_seconds.append(round(self.epoch_elapsed, 3))
         mean_loss = self.epoch_loss / self.n_batches
         self.epoch_losses.append(mean_loss)
         self.log(f'epoch {self.epoch:4d}  loss {mean_loss:.4f}  {self.epoch_elapsed:.1f}s')
+        if self.board is not None:
+            self.board.epoch(self.epoch, mean_loss, lr, self.epoch_elapsed)
 
     def _finish_partial_epoch(self, loss_sum, start):
-        if self.world > 1:
+        """Fold this piece of the epoch (called once per train_epoch) into epoch_loss and epoch_elapsed."""
+        if self.world > 1:  # this piece's sums, averaged over the processes, added to the earlier pieces'
             dist.all_reduce(loss_sum)
-            loss_sum /= self.world
-        self.epoch_loss += float(loss_sum)
-        loss_sum.zero_()
+            self.epoch_loss += float(loss_sum / self.world)
+        else:  # the running sum, which began from the earlier pieces'
+            self.epoch_loss = float(loss_sum)
         self.epoch_elapsed += time.time() - start
 
     def _feed_sampler(self, t, losses):
@@ -293,17 +412,22 @@ class Trainer:
     def validate(self, epoch):
         """Validate the model trained through `epoch`: update the bests and the kept model, count bad
         validations, write the checkpoint and metrics.csv."""
+        # A validation cut short is redone whole: do not start one the time left cannot hold.
+        if self._time_runs_out(self.timing['val'] or 0.0):
+            self.epoch, self.batch = epoch, self.n_batches
+            self._stop(f'before the validation of epoch {epoch} (about {self.timing["val"] or 0:.0f}s)')
         rng_before = utils.rng_state()
-        start = time.time()
-        # With several processes a signal is acted on at the next training check point instead: stopping
-        # here would have to be agreed at every batch.
-        stop = (lambda: self._signal is not None) if self.world == 1 else None
+        start, begun = time.time(), self.clock()
+        # With several processes a signal or time-out is acted on at the next training check point instead:
+        # stopping here would have to be agreed at every batch.
+        stop = self._validation_stop() if self.world == 1 else None
         metrics = self.evaluate_split('val', stop=stop)
         seconds = time.time() - start
         if metrics is None:  # interrupted: the checkpoint resumes with this validation, from the same state
             utils.set_rng_state(rng_before)
             self.epoch, self.batch = epoch, self.n_batches
-            self._stop_for_signal()
+            self._stop(f'during the validation of epoch {epoch}')
+        self.timing['val'] = self.clock() - begun
         improved = [m for m, v in metrics.items() if v > self.best.get(m, -math.inf)]
         for m in improved:
             self.best[m], self.best_epoch[m] = metrics[m], epoch
@@ -320,6 +444,8 @@ class Trainer:
         self.history.append(row)
         self.log(f'valid epoch {epoch}: ' + format_metrics(metrics) + f'  ({seconds:.1f}s)'
                  + ('  kept' if selected else f'  bad {self.bad_count}/{self.cfg.patience}'))
+        if self.board is not None:
+            self.board.validation(epoch, metrics, seconds)
         self.save()
         self._write_metrics_csv()
 

@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,37 @@ def ensure_datasets(folder, names=REAL_DATASETS):
 def real_data_dir():
     """The project's own data folder (datasets/data, the default --data_dir) with the real datasets."""
     return ensure_datasets(DEFAULT_DATA_DIR)
+
+
+class FakeClock:
+    """Time that passes only with the work: 10 units per training batch and per evaluation batch, nothing
+    for anything else (a checkpoint write takes 0, trainer.SAVE_GUESS = 5 units until one was timed)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """main.run's TimeBudget on a FakeClock that DiffuRec's training and scoring batches advance."""
+    import main
+    import trainer
+    from model import DiffuRec
+    fake = FakeClock()
+    forward, scores = DiffuRec.forward, DiffuRec.scores
+
+    def timed_forward(self, *args, **kwargs):
+        fake.now += 10
+        return forward(self, *args, **kwargs)
+
+    def timed_scores(self, *args, **kwargs):
+        fake.now += 10
+        return scores(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffuRec, 'forward', timed_forward)
+    monkeypatch.setattr(DiffuRec, 'scores', timed_scores)
+    monkeypatch.setattr(main, 'TimeBudget', partial(trainer.TimeBudget, clock=fake))
+    return fake
