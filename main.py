@@ -109,7 +109,8 @@ def build_parser():
                     help='keep the model that is best on this one metric (e.g. NDCG@10) instead of any metric')
     ev.add_argument('--strict', action='store_true',
                     help='all corrections at once: --attention_mask key --no-rank_padding --exclude_history '
-                         '--metric_average user --select_metric NDCG@10 --update_lossaware')
+                         '--metric_average user --select_metric NDCG@10 --update_lossaware (one of these given '
+                         'with another value is an error)')
     ev.add_argument('--long_head', action='store_true', help='also test hot/cold and length groups of users')
     ev.add_argument('--diversity_measure', action='store_true',
                     help='category diversity of the test top-K (needs --category_file)')
@@ -192,10 +193,13 @@ def parse_config(argv=None):
     if known.dataset == 'synthetic':  # after SASRec's: the short schedule wins
         parser.set_defaults(**SYNTHETIC_PRESET)
     cfg = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    if cfg.strict:
+        check_strict(cfg, given)
     if cfg.resume:
-        return resumed_config(cfg, given_flags(parser, argv))
+        return resumed_config(cfg, given)
     if cfg.model == 'sasrec':
-        misplaced = [name for name in DIFFUREC_ONLY if name in given_flags(parser, argv)]
+        misplaced = [name for name in DIFFUREC_ONLY if name in given]
         if misplaced:
             raise ValueError(f'--{misplaced[0]} configures DiffuRec\'s diffusion and does not apply to --model sasrec; '
                              f'drop it')
@@ -206,6 +210,24 @@ def parse_config(argv=None):
     cfg.optimizer = {'adam': 'Adam', 'sgd': 'SGD'}.get(cfg.optimizer.lower(), cfg.optimizer)
     cfg.metric_ks = sorted(set(cfg.metric_ks))
     return cfg
+
+
+def flag_text(name, value):
+    """A flag as it is typed: --name value, or --name / --no-name for a boolean."""
+    if isinstance(value, bool):
+        return f'--{name}' if value else f'--no-{name}'
+    return f'--{name} {value}'
+
+
+def check_strict(cfg, given):
+    """An explicit flag that --strict would override is a contradiction, not something to drop silently:
+    raises ValueError naming both. A flag given with the value --strict sets is fine."""
+    for name, value in STRICT.items():
+        if cfg.model == 'sasrec' and name in DIFFUREC_ONLY:  # not set for SASRec (refused there by name)
+            continue
+        if name in given and getattr(cfg, name) != value:
+            raise ValueError(f'--strict sets {flag_text(name, value)}; '
+                             f'drop --strict or {flag_text(name, getattr(cfg, name))}')
 
 
 def given_flags(parser, argv):
