@@ -192,7 +192,7 @@ def parse_config(argv=None):
         parser.set_defaults(**SASREC_PRESET)
     if known.dataset == 'synthetic':  # after SASRec's: the short schedule wins
         parser.set_defaults(**SYNTHETIC_PRESET)
-    cfg = parser.parse_args(argv)
+    cfg = normalise(parser.parse_args(argv))
     given = given_flags(parser, argv)
     if cfg.strict:
         check_strict(cfg, given)
@@ -207,6 +207,12 @@ def parse_config(argv=None):
         for key, value in STRICT.items():
             if not (cfg.model == 'sasrec' and key in DIFFUREC_ONLY):  # SASRec's attention is causal already
                 setattr(cfg, key, value)
+    return cfg
+
+
+def normalise(cfg):
+    """One spelling for values that argparse accepts in several (in place; returns cfg): the optimizer's
+    canonical case, metric_ks sorted without repeats. Runs are stored, compared and resumed in this form."""
     cfg.optimizer = {'adam': 'Adam', 'sgd': 'SGD'}.get(cfg.optimizer.lower(), cfg.optimizer)
     cfg.metric_ks = sorted(set(cfg.metric_ks))
     return cfg
@@ -245,6 +251,7 @@ def resumed_config(cfg, given):
     """The config saved in cfg.resume's checkpoint; a given flag that would change it is refused by name."""
     state = load_checkpoint(os.path.join(cfg.resume, 'checkpoint.pt'))
     saved = argparse.Namespace(**{'model': 'diffurec', **state['config']})  # runs from before --model: DiffuRec
+    normalise(saved)  # a config stored before normalisation compares in the same form
     differ = sorted(name for name in given - RESUME_MAY_CHANGE if getattr(cfg, name) != getattr(saved, name, None))
     if differ:
         raise ValueError(f'--resume {cfg.resume}: the run was made with ' + ', '.join(

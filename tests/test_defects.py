@@ -1,5 +1,7 @@
 """Defects of issue 11: explicit flags against --strict, --resume's comparison, --seeds under torchrun, log-copy
 names, --recommend's sampling flags and scores() on input that is not left-padded."""
+import json
+
 import pytest
 
 import main
@@ -31,3 +33,19 @@ def test_strict_accepts_explicit_flags_equal_to_its_settings():
 def test_strict_with_sasrec_still_names_a_diffusion_flag():
     with pytest.raises(ValueError, match='does not apply to --model sasrec'):
         main.parse_config(['--model', 'sasrec', '--strict', '--attention_mask', 'causal'])
+
+
+def test_resume_compares_normalised_flags(tmp_path):
+    """--optimizer adam is Adam, and --metric_ks in another order (or repeated) are the same cut-offs."""
+    run_dir = str(tmp_path / 'run')
+    assert main.main(QUICK + ['--epochs', '2', '--eval_interval', '1', '--optimizer', 'adam', '--metric_ks', '10', '5',
+                              '10', '--out_dir', run_dir]) == 0
+    with open(f'{run_dir}/config.json') as f:
+        stored = json.load(f)
+    assert (stored['optimizer'], stored['metric_ks']) == ('Adam', [5, 10])  # stored canonical
+    for flags in (['--optimizer', 'Adam'], ['--optimizer', 'adam'], ['--metric_ks', '5', '10'],
+                  ['--metric_ks', '10', '5', '5']):
+        cfg = main.parse_config(['--resume', run_dir] + flags)
+        assert (cfg.optimizer, cfg.metric_ks) == ('Adam', [5, 10])
+    with pytest.raises(ValueError, match="optimizer='Adam' .given 'SGD'"):
+        main.parse_config(['--resume', run_dir, '--optimizer', 'sgd'])
