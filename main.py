@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import warnings
 
 import torch
@@ -317,9 +318,19 @@ def resume(trainer, cfg, data_checksum, rank, world):
 
 
 def write_json(obj, path):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)
+    """obj as JSON at path, whole or not at all: written to a temporary file of its own in the same folder
+    (no two writers share it), synced, then renamed over path."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=os.path.dirname(path) or '.')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def run(cfg):
@@ -461,14 +472,21 @@ def aggregate_table(aggregate):
 
 def run_seeds(cfg):
     """--seeds S1 S2 ...: run() once per seed, in <out_dir>/seed_<S>/, then aggregate_results over the
-    seeds, printed and written to <out_dir>/aggregate.json (returned)."""
+    seeds, printed and written to <out_dir>/aggregate.json (returned).
+
+    Under torchrun every process takes part in every run; rank 0 alone makes <out_dir> (its name is sent to
+    the others) and prints and writes the aggregate."""
     duplicate = next((s for s in cfg.seeds if cfg.seeds.count(s) > 1), None)
     if duplicate is not None:
         raise ValueError(f'--seeds lists {duplicate} twice; give each seed once')
     if cfg.resume:
         raise ValueError('--seeds cannot be combined with --resume; resume each <out_dir>/seed_<S> run on its own')
     check_config(cfg)
-    base = make_run_dir(cfg)
+    rank, world, local_rank = utils.torchrun_env()
+    if world > 1:  # joined here already, for the broadcast of the base folder; run() finds it joined
+        check_world(cfg, world)
+        utils.init_distributed(utils.choose_device(cfg.device, local_rank), rank, world)
+    base = utils.from_rank0(lambda: make_run_dir(cfg), rank, world)
     per_seed = {}
     for seed in cfg.seeds:
         one = argparse.Namespace(**{**vars(cfg), 'random_seed': seed, 'seeds': None,
@@ -476,9 +494,10 @@ def run_seeds(cfg):
         per_seed[seed] = run(one)
     aggregate = aggregate_results(per_seed)
     aggregate['runs'] = {str(seed): os.path.join(base, f'seed_{seed}') for seed in cfg.seeds}
-    write_json(aggregate, os.path.join(base, 'aggregate.json'))
-    print(aggregate_table(aggregate))
-    print(f'aggregate written to {os.path.join(base, "aggregate.json")}')
+    if rank == 0:
+        write_json(aggregate, os.path.join(base, 'aggregate.json'))
+        print(aggregate_table(aggregate))
+        print(f'aggregate written to {os.path.join(base, "aggregate.json")}')
     return aggregate
 
 

@@ -1,6 +1,7 @@
 """Defects of issue 11: explicit flags against --strict, --resume's comparison, --seeds under torchrun, log-copy
 names, --recommend's sampling flags and scores() on input that is not left-padded."""
 import json
+import os
 
 import pytest
 
@@ -49,3 +50,56 @@ def test_resume_compares_normalised_flags(tmp_path):
         assert (cfg.optimizer, cfg.metric_ks) == ('Adam', [5, 10])
     with pytest.raises(ValueError, match="optimizer='Adam' .given 'SGD'"):
         main.parse_config(['--resume', run_dir, '--optimizer', 'sgd'])
+
+
+def seeds_as_rank(monkeypatch, tmp_path, rank):
+    """run_seeds as process `rank` of 2 under torchrun, with run() stubbed out and rank 0's base folder
+    chosen by rank 0 alone (utils.from_rank0 on rank 1 stands for the broadcast it receives)."""
+    base = tmp_path / 'base'
+    calls = []
+    monkeypatch.setattr(main.utils, 'torchrun_env', lambda: (rank, 2, rank))
+    monkeypatch.setattr(main.utils, 'init_distributed', lambda device, rank, world: None)
+    monkeypatch.setattr(main.utils, 'from_rank0',
+                        lambda make, r, world: make() if r == 0 else str(base))
+    test = {'HR@10': 1.0}
+
+    def fake_run(cfg):
+        calls.append(cfg.out_dir)
+        return {'dataset': 'synthetic', 'test': dict(test), 'diversity': {}}
+
+    monkeypatch.setattr(main, 'run', fake_run)
+    cfg = main.parse_config(QUICK + ['--seeds', '1', '2', '--out_dir', str(base)])
+    main.run_seeds(cfg)
+    return base, calls
+
+
+def test_seeds_under_torchrun_rank1_only_runs(monkeypatch, tmp_path, capsys):
+    base, calls = seeds_as_rank(monkeypatch, tmp_path, rank=1)
+    assert calls == [str(base / 'seed_1'), str(base / 'seed_2')]  # it takes part in every run
+    assert not base.exists()  # no folder of its own, no aggregate.json
+    assert capsys.readouterr().out == ''
+
+
+def test_seeds_under_torchrun_rank0_makes_the_folder_and_writes_the_aggregate(monkeypatch, tmp_path, capsys):
+    base, calls = seeds_as_rank(monkeypatch, tmp_path, rank=0)
+    assert calls == [str(base / 'seed_1'), str(base / 'seed_2')]
+    assert sorted(os.listdir(base)) == ['aggregate.json']
+    with open(base / 'aggregate.json') as f:
+        assert json.load(f)['metrics']['HR@10'] == {'mean': 1.0, 'std': 0.0, 'values': [1.0, 1.0]}
+    assert 'aggregate written to' in capsys.readouterr().out
+
+
+def test_write_json_replaces_through_a_unique_synced_temporary_file(monkeypatch, tmp_path):
+    replaced, synced = [], []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(main.os, 'replace', lambda src, dst: (replaced.append((src, dst)), real_replace(src, dst)))
+    monkeypatch.setattr(main.os, 'fsync', lambda fd: (synced.append(fd), real_fsync(fd)))
+    target = str(tmp_path / 'a.json')
+    main.write_json({'x': 1}, target)
+    main.write_json({'x': 2}, target)
+    (first, _), (second, _) = replaced
+    assert first != second and all(os.path.dirname(src) == str(tmp_path) for src, _ in replaced)
+    assert [dst for _, dst in replaced] == [target, target] and len(synced) == 2
+    with open(target) as f:
+        assert json.load(f) == {'x': 2}
+    assert os.listdir(tmp_path) == ['a.json']
