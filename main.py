@@ -7,6 +7,7 @@ Every flag of the authors' script keeps its name and default; `python main.py --
 """
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -123,7 +124,9 @@ def build_parser():
     run.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda or cuda:N')
     run.add_argument('--num_gpu', type=positive_int, default=1, help='GPUs; above 1 use torchrun (see README)')
     run.add_argument('--out_dir', default=None, help='run directory (default runs/<dataset>/<timestamp>)')
-    run.add_argument('--log_file', default='log/', help='folder that also receives a copy of the log ("" for none)')
+    run.add_argument('--log_file', default='log/',
+                     help='folder that also receives a copy of the log, named <dataset>_<parent folder>_<run folder>_'
+                          '<hash of the run dir>.log, one per run dir ("" for none)')
     run.add_argument('--description', default='Diffu_norm_score', help='free text stored with the run')
     run.add_argument('--limit_train_batches', type=positive_int, default=None, help='smoke runs: batches per epoch')
     run.add_argument('--limit_eval_batches', type=positive_int, default=None, help='smoke runs: batches per evaluation')
@@ -333,6 +336,15 @@ def write_json(obj, path):
         raise
 
 
+def log_copy_name(dataset, run_dir):
+    """Name of the run's log copy in --log_file: <dataset>_<parent folder>_<run folder>_<hash>.log. The hash (8 hex
+    digits of the absolute run_dir) keeps apart run dirs whose two last names agree, e.g. the seed_<S> folders
+    of two --seeds experiments, so each copy holds one run's log."""
+    path = os.path.abspath(run_dir)
+    digest = hashlib.sha1(path.encode()).hexdigest()[:8]
+    return f'{dataset}_{os.path.basename(os.path.dirname(path))}_{os.path.basename(path)}_{digest}.log'
+
+
 def run(cfg):
     """One experiment from a parsed config: returns the results dict (also written to results.json)."""
     check_config(cfg)
@@ -365,7 +377,7 @@ def run(cfg):
     if cfg.log_file:
         if rank == 0:
             os.makedirs(cfg.log_file, exist_ok=True)
-        log_paths.append(os.path.join(cfg.log_file, f'{cfg.dataset}_{os.path.basename(run_dir)}.log'))
+        log_paths.append(os.path.join(cfg.log_file, log_copy_name(cfg.dataset, run_dir)))
     log = utils.RunLog(log_paths, enabled=rank == 0)  # only rank 0 prints and writes files
     if rank == 0:
         write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))

@@ -103,3 +103,21 @@ def test_write_json_replaces_through_a_unique_synced_temporary_file(monkeypatch,
     with open(target) as f:
         assert json.load(f) == {'x': 2}
     assert os.listdir(tmp_path) == ['a.json']
+
+
+def test_log_copies_of_two_seed_experiments_do_not_collide(tmp_path):
+    logs = tmp_path / 'log'
+    for name in ('a', 'b'):
+        argv = QUICK[:QUICK.index('--log_file')] + QUICK[QUICK.index('--log_file') + 2:]
+        assert main.main(argv + ['--seeds', '1', '--log_file', str(logs), '--out_dir', str(tmp_path / name)]) == 0
+    copies = sorted(os.listdir(logs))
+    assert [c[:-len('_12345678.log')] for c in copies] == ['synthetic_a_seed_1', 'synthetic_b_seed_1']
+    for copy in copies:  # each copy holds one run's log: its own run dir, named once
+        with open(logs / copy) as f:
+            text = f.read()
+        assert text.count('run dir') == 1
+        run_dir = text.split('run dir ')[1].split(';')[0].split('\n')[0]
+        with open(os.path.join(run_dir, 'log.txt')) as f:
+            assert f.read() == text
+    assert main.log_copy_name('synthetic', str(tmp_path / 'a' / 'seed_1')) != \
+        main.log_copy_name('synthetic', str(tmp_path / 'b' / 'seed_1'))
