@@ -136,7 +136,8 @@ def build_parser():
 
     rec = p.add_argument_group('recommendations from a trained run')
     rec.add_argument('--recommend', default=None, metavar='RUN_DIR',
-                     help='write every user\'s top --topk items (original ids) from the run in RUN_DIR; no training')
+                     help='write every user\'s top --topk items (original ids) from the run in RUN_DIR; no training. '
+                          'It samples with the run\'s --sample_steps and --precision unless they are given')
     rec.add_argument('--topk', type=positive_int, default=20, help='items per user for --recommend')
     rec.add_argument('--out', default=None, metavar='PATH',
                      help='CSV for --recommend (default RUN_DIR/recommendations.csv)')
@@ -202,6 +203,9 @@ def parse_config(argv=None):
         check_strict(cfg, given)
     if cfg.resume:
         return resumed_config(cfg, given)
+    if cfg.recommend:  # None: the trained run's own value (recommend.py), unless given
+        for name in RECOMMEND_FROM_RUN - given:
+            setattr(cfg, name, None)
     if cfg.model == 'sasrec':
         misplaced = [name for name in DIFFUREC_ONLY if name in given]
         if misplaced:
@@ -238,6 +242,10 @@ def check_strict(cfg, given):
         if name in given and getattr(cfg, name) != value:
             raise ValueError(f'--strict sets {flag_text(name, value)}; '
                              f'drop --strict or {flag_text(name, getattr(cfg, name))}')
+
+
+# How a run samples: --recommend takes the run's values for these unless they are given.
+RECOMMEND_FROM_RUN = {'sample_steps', 'precision'}
 
 
 def given_flags(parser, argv):

@@ -51,8 +51,10 @@ def load_run(run_dir):
 
 
 @torch.no_grad()
-def top_items(model, inputs, histories, k, batch_size, device, exclude_history=False):
+def top_items(model, inputs, histories, k, batch_size, device, exclude_history=False, sample_steps=None):
     """Each row's k best items: inputs (U, L) long -> (items (U, k) long, scores (U, k) float), best first.
+
+    sample_steps: reverse steps of the scoring (model.scores); None = all T.
 
     The padding row 0 is never recommended. histories: one list of item ids per row, excluded
     (all of it, not only the last L items) when exclude_history. An excluded item scores -inf; a row
@@ -61,7 +63,7 @@ def top_items(model, inputs, histories, k, batch_size, device, exclude_history=F
     items, scores = [], []
     for begin in tqdm(range(0, len(inputs), batch_size), desc='recommend', leave=False, dynamic_ncols=True):
         seq = inputs[begin:begin + batch_size].to(device)
-        s = model.scores(seq).float()
+        s = model.scores(seq, sample_steps=sample_steps).float()
         s[:, 0] = float('-inf')
         if exclude_history:
             rows = histories[begin:begin + batch_size]
@@ -106,6 +108,8 @@ def recommend(cfg, default_data_dir):
 
     The dataset is the run's (--dataset and --max_len of its config); its --data_dir unless cfg.data_dir
     differs from default_data_dir. Sampling is seeded with cfg.random_seed, so a rerun gives the same file.
+    cfg.sample_steps and cfg.precision: None for the run's own values (main.parse_config leaves them None
+    unless given), else the value to use.
     """
     run_dir = cfg.recommend
     model, config, checkpoint = load_run(run_dir)
@@ -121,14 +125,26 @@ def recommend(cfg, default_data_dir):
                          f'(training-sample checksum is not {expected})')
     if cfg.topk > n_items:
         raise ValueError(f'--topk {cfg.topk} exceeds the {n_items} items of {config["dataset"]}')
+    sample_steps = cfg.sample_steps if cfg.sample_steps is not None else config.get('sample_steps')
+    precision = cfg.precision or config.get('precision', 'fp32')
+    if sample_steps is not None:
+        if config.get('model', 'diffurec') != 'diffurec':
+            raise ValueError(f'--sample_steps configures DiffuRec\'s sampling; the run in {run_dir} is '
+                             f'{config["model"]}: drop it')
+        if not 1 <= sample_steps <= config['diffusion_steps']:
+            raise ValueError(f'--sample_steps must lie in [1, {config["diffusion_steps"]}] (the run\'s '
+                             f'--diffusion_steps), got {sample_steps}')
+    if precision == 'bf16':  # as the run evaluated: the network in bf16, the scores float32
+        model = model.low_precision_copy(torch.bfloat16)
     out = cfg.out or os.path.join(run_dir, 'recommendations.csv')
     device = utils.choose_device(cfg.device)
     utils.set_seed(cfg.random_seed)
     users = range(len(data['train']))
     histories = [data['train'][u] + data['val'][u] + data['test'][u] for u in users]
     inputs = utils.full_history_inputs(data, config['max_len'])
+    print(f'recommending with {"all" if sample_steps is None else sample_steps} sampling steps, {precision}')
     items, scores = top_items(model.to(device), inputs, histories, cfg.topk, cfg.batch_size, device,
-                              exclude_history=cfg.exclude_history)
+                              exclude_history=cfg.exclude_history, sample_steps=sample_steps)
     try:
         write_recommendations(out, items, scores, data['umap'], data['smap'])
     except OSError as e:
