@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import main
 
@@ -121,3 +122,43 @@ def test_log_copies_of_two_seed_experiments_do_not_collide(tmp_path):
             assert f.read() == text
     assert main.log_copy_name('synthetic', str(tmp_path / 'a' / 'seed_1')) != \
         main.log_copy_name('synthetic', str(tmp_path / 'b' / 'seed_1'))
+
+
+def full_attention(self, h, x_t, t_scaled, mask, lam=None):
+    """Approximator.forward as it runs on CUDA: every row through the whole attention, no windows."""
+    return self.transformer(self.noisy_input(h, x_t, t_scaled, lam), mask, last_only=True)[:, -1]
+
+
+@pytest.mark.parametrize('padding', ['right', 'gap'])
+def test_scores_of_input_not_left_padded_equal_the_unwindowed_path(monkeypatch, padding):
+    from diffurec import Approximator
+    from model import DiffuRec
+    torch.manual_seed(0)
+    model = DiffuRec(30, hidden_size=16, num_blocks=2, heads=2, diffusion_steps=4).eval()
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(1, 31, (6, 8), generator=g)
+    seq[:3, :4] = 0  # left-padded rows
+    if padding == 'right':
+        seq[3:, 5:] = 0
+    else:  # a zero between items
+        seq[3:, :2], seq[3:, 4] = 0, 0
+    torch.manual_seed(2)
+    got = model.scores(seq)
+    monkeypatch.setattr(Approximator, 'forward', full_attention)
+    torch.manual_seed(2)
+    expected = model.scores(seq)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_input_still_takes_the_windowed_path(monkeypatch):
+    from diffurec import MultiHeadAttention
+    from model import DiffuRec
+    calls = []
+    windowed = MultiHeadAttention.windowed
+    monkeypatch.setattr(MultiHeadAttention, 'windowed', lambda self, *a: (calls.append(1), windowed(self, *a))[1])
+    torch.manual_seed(0)
+    model = DiffuRec(30, hidden_size=16, num_blocks=2, heads=2, diffusion_steps=4).eval()
+    seq = torch.randint(1, 31, (4, 8))
+    seq[:, :3] = 0
+    model.scores(seq)
+    assert calls
