@@ -474,10 +474,10 @@ class Approximator(NoisyInput):
         Only the last position leaves the transformer, so the last block computes only that position.
         """
         u = self.noisy_input(h, x_t, t_scaled, lam)  # (B, L, d)
-        if self.training or self.attention != 'query' or u.device.type != 'cpu':
+        if self.training or self.attention != 'query' or u.device.type != 'cpu' or not left_padded(mask):
             return self.transformer(u, mask, last_only=True)[:, -1]
-        # CPU evaluation: sequences sorted by history length and taken in groups whose attention needs only
-        # their last rows (MultiHeadAttention.windowed); the result goes back to the input order
+        # CPU evaluation of left-padded histories: sequences sorted by history length and taken in groups whose
+        # attention needs only their last rows (MultiHeadAttention.windowed); the result goes back to input order
         lengths = mask.sum(1)
         order = lengths.argsort()
         sorted_lengths = lengths[order].tolist()
@@ -487,6 +487,12 @@ class Approximator(NoisyInput):
             groups.append((start, stop, max(sorted_lengths[stop - 1], 1)))
         x0_hat = self.transformer(u[order], mask[order], last_only=True, groups=groups)[:, -1]
         return x0_hat[order.argsort()]
+
+
+def left_padded(mask):
+    """Whether every row of mask (B, L) bool is padding then items (no padding after an item): what the
+    windowed CPU attention assumes. Other rows take the whole attention, as on a GPU."""
+    return not bool((mask[:, 1:] < mask[:, :-1]).any())
 
 
 class GRUApproximator(NoisyInput):

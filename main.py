@@ -7,6 +7,7 @@ Every flag of the authors' script keeps its name and default; `python main.py --
 """
 import argparse
 import datetime
+import hashlib
 import math
 import os
 import platform
@@ -121,7 +122,8 @@ def build_parser():
                     help='keep the model that is best on this one metric (e.g. NDCG@10) instead of any metric')
     ev.add_argument('--strict', action='store_true',
                     help='all corrections at once: --attention_mask key --no-rank_padding --exclude_history '
-                         '--metric_average user --select_metric NDCG@10 --update_lossaware')
+                         '--metric_average user --select_metric NDCG@10 --update_lossaware (one of these given '
+                         'with another value is an error)')
     ev.add_argument('--long_head', action='store_true', help='also test hot/cold and length groups of users')
     ev.add_argument('--diversity_measure', action='store_true',
                     help='category diversity of the test top-K (needs --category_file)')
@@ -133,7 +135,9 @@ def build_parser():
     run.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda or cuda:N')
     run.add_argument('--num_gpu', type=positive_int, default=1, help='GPUs; above 1 use torchrun (see README)')
     run.add_argument('--out_dir', default=None, help='run directory (default runs/<dataset>/<timestamp>)')
-    run.add_argument('--log_file', default='log/', help='folder that also receives a copy of the log ("" for none)')
+    run.add_argument('--log_file', default='log/',
+                     help='folder that also receives a copy of the log, named <dataset>_<parent folder>_<run folder>_'
+                          '<hash of the run dir>.log, one per run dir ("" for none)')
     run.add_argument('--description', default='Diffu_norm_score', help='free text stored with the run')
     run.add_argument('--limit_train_batches', type=positive_int, default=None, help='smoke runs: batches per epoch')
     run.add_argument('--limit_eval_batches', type=positive_int, default=None, help='smoke runs: batches per evaluation')
@@ -149,7 +153,8 @@ def build_parser():
 
     rec = p.add_argument_group('recommendations from a trained run')
     rec.add_argument('--recommend', default=None, metavar='RUN_DIR',
-                     help='write every user\'s top --topk items (original ids) from the run in RUN_DIR; no training')
+                     help='write every user\'s top --topk items (original ids) from the run in RUN_DIR; no training. '
+                          'It samples with the run\'s --sample_steps and --precision unless they are given')
     rec.add_argument('--topk', type=positive_int, default=20, help='items per user for --recommend')
     rec.add_argument('--out', default=None, metavar='PATH',
                      help='CSV for --recommend (default RUN_DIR/recommendations.csv)')
@@ -209,11 +214,17 @@ def parse_config(argv=None):
         parser.set_defaults(**SASREC_PRESET)
     if known.dataset == 'synthetic':  # after SASRec's: the short schedule wins
         parser.set_defaults(**SYNTHETIC_PRESET)
-    cfg = parser.parse_args(argv)
+    cfg = normalise(parser.parse_args(argv))
+    given = given_flags(parser, argv)
+    if cfg.strict:
+        check_strict(cfg, given)
     if cfg.resume:
-        return resumed_config(cfg, given_flags(parser, argv))
+        return resumed_config(cfg, given)
+    if cfg.recommend:  # None: the trained run's own value (recommend.py), unless given
+        for name in RECOMMEND_FROM_RUN - given:
+            setattr(cfg, name, None)
     if cfg.model == 'sasrec':
-        misplaced = [name for name in DIFFUREC_ONLY if name in given_flags(parser, argv)]
+        misplaced = [name for name in DIFFUREC_ONLY if name in given]
         if misplaced:
             raise ValueError(f'--{misplaced[0]} configures DiffuRec\'s diffusion and does not apply to --model sasrec; '
                              f'drop it')
@@ -221,9 +232,37 @@ def parse_config(argv=None):
         for key, value in STRICT.items():
             if not (cfg.model == 'sasrec' and key in DIFFUREC_ONLY):  # SASRec's attention is causal already
                 setattr(cfg, key, value)
+    return cfg
+
+
+def normalise(cfg):
+    """One spelling for values that argparse accepts in several (in place; returns cfg): the optimizer's
+    canonical case, metric_ks sorted without repeats. Runs are stored, compared and resumed in this form."""
     cfg.optimizer = {'adam': 'Adam', 'sgd': 'SGD'}.get(cfg.optimizer.lower(), cfg.optimizer)
     cfg.metric_ks = sorted(set(cfg.metric_ks))
     return cfg
+
+
+def flag_text(name, value):
+    """A flag as it is typed: --name value, or --name / --no-name for a boolean."""
+    if isinstance(value, bool):
+        return f'--{name}' if value else f'--no-{name}'
+    return f'--{name} {value}'
+
+
+def check_strict(cfg, given):
+    """An explicit flag that --strict would override is a contradiction, not something to drop silently:
+    raises ValueError naming both. A flag given with the value --strict sets is fine."""
+    for name, value in STRICT.items():
+        if cfg.model == 'sasrec' and name in DIFFUREC_ONLY:  # not set for SASRec (refused there by name)
+            continue
+        if name in given and getattr(cfg, name) != value:
+            raise ValueError(f'--strict sets {flag_text(name, value)}; '
+                             f'drop --strict or {flag_text(name, getattr(cfg, name))}')
+
+
+# How a run samples: --recommend takes the run's values for these unless they are given.
+RECOMMEND_FROM_RUN = {'sample_steps', 'precision'}
 
 
 def given_flags(parser, argv):
@@ -243,6 +282,7 @@ def resumed_config(cfg, given):
     state = load_checkpoint(os.path.join(cfg.resume, 'checkpoint.pt'))
     # runs from before --model: DiffuRec; from before --tensorboard: none
     saved = argparse.Namespace(**{'model': 'diffurec', 'tensorboard': None, **state['config']})
+    normalise(saved)  # a config stored before normalisation compares in the same form
     differ = sorted(name for name in given - RESUME_MAY_CHANGE if getattr(cfg, name) != getattr(saved, name, None))
     if differ:
         raise ValueError(f'--resume {cfg.resume}: the run was made with ' + ', '.join(
@@ -308,6 +348,15 @@ def resume(trainer, cfg, data_checksum, rank, world):
     trainer.log(f'resumed {cfg.resume} at epoch {trainer.epoch}, batch {trainer.batch}')
 
 
+def log_copy_name(dataset, run_dir):
+    """Name of the run's log copy in --log_file: <dataset>_<parent folder>_<run folder>_<hash>.log. The hash (8 hex
+    digits of the absolute run_dir) keeps apart run dirs whose two last names agree, e.g. the seed_<S> folders
+    of two --seeds experiments, so each copy holds one run's log."""
+    path = os.path.abspath(run_dir)
+    digest = hashlib.sha1(path.encode()).hexdigest()[:8]
+    return f'{dataset}_{os.path.basename(os.path.dirname(path))}_{os.path.basename(path)}_{digest}.log'
+
+
 def run(cfg):
     """One experiment from a parsed config: returns the results dict (also written to results.json)."""
     budget = TimeBudget(cfg.time_limit) if cfg.time_limit else None  # counted from here: data loading included
@@ -343,7 +392,7 @@ def run(cfg):
     if cfg.log_file:
         if rank == 0:
             os.makedirs(cfg.log_file, exist_ok=True)
-        log_paths.append(os.path.join(cfg.log_file, f'{cfg.dataset}_{os.path.basename(run_dir)}.log'))
+        log_paths.append(os.path.join(cfg.log_file, log_copy_name(cfg.dataset, run_dir)))
     log = utils.RunLog(log_paths, enabled=rank == 0)  # only rank 0 prints and writes files
     if rank == 0:
         utils.write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))
@@ -462,7 +511,10 @@ def aggregate_table(aggregate):
 
 def run_seeds(cfg):
     """--seeds S1 S2 ...: run() once per seed, in <out_dir>/seed_<S>/, then aggregate_results over the
-    seeds, printed and written to <out_dir>/aggregate.json (returned)."""
+    seeds, printed and written to <out_dir>/aggregate.json (returned).
+
+    Under torchrun every process takes part in every run; rank 0 alone makes <out_dir> (its name is sent to
+    the others) and prints and writes the aggregate."""
     duplicate = next((s for s in cfg.seeds if cfg.seeds.count(s) > 1), None)
     if duplicate is not None:
         raise ValueError(f'--seeds lists {duplicate} twice; give each seed once')
@@ -471,7 +523,11 @@ def run_seeds(cfg):
     if cfg.time_limit:
         raise ValueError('--seeds cannot be combined with --time_limit; run each seed on its own with --random_seed')
     check_config(cfg)
-    base = make_run_dir(cfg)
+    rank, world, local_rank = utils.torchrun_env()
+    if world > 1:  # joined here already, for the broadcast of the base folder; run() finds it joined
+        check_world(cfg, world)
+        utils.init_distributed(utils.choose_device(cfg.device, local_rank), rank, world)
+    base = utils.from_rank0(lambda: make_run_dir(cfg), rank, world)
     per_seed = {}
     for seed in cfg.seeds:
         one = argparse.Namespace(**{**vars(cfg), 'random_seed': seed, 'seeds': None,
@@ -480,9 +536,10 @@ def run_seeds(cfg):
         per_seed[seed] = run(one)
     aggregate = aggregate_results(per_seed)
     aggregate['runs'] = {str(seed): os.path.join(base, f'seed_{seed}') for seed in cfg.seeds}
-    utils.write_json(aggregate, os.path.join(base, 'aggregate.json'))
-    print(aggregate_table(aggregate))
-    print(f'aggregate written to {os.path.join(base, "aggregate.json")}')
+    if rank == 0:
+        utils.write_json(aggregate, os.path.join(base, 'aggregate.json'))
+        print(aggregate_table(aggregate))
+        print(f'aggregate written to {os.path.join(base, "aggregate.json")}')
     return aggregate
 
 

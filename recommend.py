@@ -97,6 +97,8 @@ def recommend(cfg, default_data_dir):
 
     The dataset is the run's (--dataset and --max_len of its config); its --data_dir unless cfg.data_dir
     differs from default_data_dir. Sampling is seeded with cfg.random_seed, so a rerun gives the same file.
+    cfg.sample_steps and cfg.precision: None for the run's own values (main.parse_config leaves them None
+    unless given), else the value to use.
     """
     run_dir = cfg.recommend
     model, config, checkpoint = load_run(run_dir)
@@ -112,12 +114,22 @@ def recommend(cfg, default_data_dir):
                          f'(training-sample checksum is not {expected})')
     if cfg.topk > n_items:
         raise ValueError(f'--topk {cfg.topk} exceeds the {n_items} items of {config["dataset"]}')
+    sample_steps = cfg.sample_steps if cfg.sample_steps is not None else config.get('sample_steps')
+    precision = cfg.precision or config.get('precision', 'fp32')
+    if sample_steps is not None:
+        if config.get('model', 'diffurec') != 'diffurec':
+            raise ValueError(f'--sample_steps configures DiffuRec\'s sampling; the run in {run_dir} is '
+                             f'{config["model"]}: drop it')
+        if not 1 <= sample_steps <= config['diffusion_steps']:
+            raise ValueError(f'--sample_steps must lie in [1, {config["diffusion_steps"]}] (the run\'s '
+                             f'--diffusion_steps), got {sample_steps}')
     out = cfg.out or os.path.join(run_dir, 'recommendations.csv')
     device = utils.choose_device(cfg.device)
     utils.set_seed(cfg.random_seed)
     inputs = full_history_inputs(data, config['max_len'])
+    print(f'recommending with {"all" if sample_steps is None else sample_steps} sampling steps, {precision}')
     items, scores = top_items(model.to(device), inputs, histories(data, 'all'), cfg.topk, cfg.batch_size, device,
-                              exclude_history=cfg.exclude_history)
+                              exclude_history=cfg.exclude_history, precision=precision, sample_steps=sample_steps)
     try:
         write_recommendations(out, items, scores, data['umap'], data['smap'])
     except OSError as e:

@@ -100,3 +100,13 @@ def test_flags_that_do_not_suit_torchrun_give_one_clear_line(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith('error: ') and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / 'run').exists()
+
+
+def test_seeds_under_two_processes_write_one_folder_and_one_aggregate(tmp_path):
+    out = tmp_path / 'seeds'
+    proc = torchrun(['--dataset', 'synthetic', '--seeds', 1, 2, '--epochs', 1, '--limit_train_batches', 1,
+                     '--limit_eval_batches', 1, '--out_dir', out] + TINY)
+    assert sorted(os.listdir(out)) == ['aggregate.json', 'seed_1', 'seed_2']
+    assert proc.stdout.count('aggregate written to') == 1
+    with open(out / 'aggregate.json') as f:
+        assert json.load(f)['seeds'] == [1, 2]

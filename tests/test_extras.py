@@ -265,3 +265,25 @@ def test_seeds_errors(tmp_path, capsys):
     assert main.aggregate_results({7: {'dataset': 'd', 'test': {'HR@5': 2.0}, 'diversity': {'ild@1': None}}}) == \
         {'dataset': 'd', 'seeds': [7], 'std': 'sample standard deviation (n - 1)',
          'metrics': {'HR@5': {'mean': 2.0, 'std': None, 'values': [2.0]}}}
+
+
+def test_recommend_samples_as_the_run_did_unless_told_otherwise(tmp_path, monkeypatch):
+    """A run trained with --sample_steps 1 --precision bf16: --recommend samples with 1 step in bf16; an
+    explicit --sample_steps 2 --precision fp32 wins."""
+    run_dir = str(tmp_path / 'run')
+    assert main.main(['--dataset', 'synthetic', '--hidden_size', '16', '--num_blocks', '1', '--diffusion_steps', '4',
+                      '--epochs', '2', '--eval_interval', '1', '--limit_train_batches', '1', '--limit_eval_batches',
+                      '1', '--sample_steps', '1', '--precision', 'bf16', '--log_file', '', '--out_dir', run_dir]) == 0
+    seen = []
+    sample, copy = DiffuRec.sample, DiffuRec.low_precision_copy
+    monkeypatch.setattr(DiffuRec, 'sample', lambda self, seq, x_T=None, sample_steps=None: (
+        seen.append(('steps', sample_steps)), sample(self, seq, x_T, sample_steps))[1])
+    monkeypatch.setattr(DiffuRec, 'low_precision_copy', lambda self, dtype=torch.bfloat16: (
+        seen.append(('copy', dtype)), copy(self, dtype))[1])
+    out = str(tmp_path / 'recs.csv')
+    assert main.main(['--recommend', run_dir, '--out', out]) == 0
+    assert seen[0] == ('copy', torch.bfloat16) and set(seen[1:]) == {('steps', 1)}
+    seen.clear()
+    assert main.main(['--recommend', run_dir, '--out', out, '--sample_steps', '2', '--precision', 'fp32']) == 0
+    assert seen and set(seen) == {('steps', 2)}
+    assert main.main(['--recommend', run_dir, '--out', out, '--sample_steps', '5']) == 2  # the run's T is 4
