@@ -512,7 +512,7 @@ def load_item_categories(path, smap):
                 raw = json.load(f)
             if not isinstance(raw, dict):
                 raise DataError(f"{path}: expected a JSON object {{item id: category}}, got "
-                                f"{type(raw).__name__}; see README, 'Diversity'")
+                                f"{type(raw).__name__}; see docs/recommendations.md")
             pairs = [(str(item), str(c)) for item, cats in raw.items()
                      for c in (cats if isinstance(cats, list) else [cats])]
         else:

@@ -133,7 +133,7 @@ def build_parser():
 
     run = p.add_argument_group('run')
     run.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda or cuda:N')
-    run.add_argument('--num_gpu', type=positive_int, default=1, help='GPUs; above 1 use torchrun (see README)')
+    run.add_argument('--num_gpu', type=positive_int, default=1, help='GPUs; above 1 use torchrun (see docs/long-runs.md)')
     run.add_argument('--out_dir', default=None, help='run directory (default runs/<dataset>/<timestamp>)')
     run.add_argument('--log_file', default='log/',
                      help='folder that also receives a copy of the log, named <dataset>_<parent folder>_<run folder>_'
@@ -161,7 +161,7 @@ def build_parser():
     return p
 
 
-# `--dataset synthetic` is for trying the pipeline in about a minute on a CPU: a smaller model and a shorter
+# `--dataset synthetic` is for trying the pipeline in minutes on a CPU: a smaller model and a shorter
 # schedule, used for every flag not given on the command line.
 # `--model sasrec`: SASRec's defaults from the literature (docs/sasrec.md gives the sources), used for every flag
 # not given on the command line. Its validation is one forward pass per user, cheap enough to run often.
@@ -368,7 +368,7 @@ def run(cfg):
     rank, world, local_rank = utils.torchrun_env()
     if cfg.num_gpu > 1 and world == 1:  # under torchrun --num_gpu is ignored: torchrun sets the processes
         raise ValueError(f'--num_gpu {cfg.num_gpu}: several GPUs run through torchrun, e.g. '
-                         f'torchrun --nproc_per_node {cfg.num_gpu} main.py ... (see README, "Several GPUs")')
+                         f'torchrun --nproc_per_node {cfg.num_gpu} main.py ... (see docs/long-runs.md)')
     if world > 1:
         check_world(cfg, world)
     device = utils.choose_device(cfg.device, local_rank)

@@ -139,7 +139,7 @@ def torchrun_env():
         return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
     except (KeyError, ValueError):
         raise ValueError('WORLD_SIZE is set but RANK is missing or not a number: start several processes with '
-                         'torchrun (see README, "Several GPUs"), or unset WORLD_SIZE') from None
+                         'torchrun (see docs/long-runs.md), or unset WORLD_SIZE') from None
 
 
 def init_distributed(device, rank, world):
