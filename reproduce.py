@@ -10,7 +10,8 @@ Each run lives in <out>/<dataset>/seed_<S>/ and is a `python main.py` subprocess
 finished runs, resumes the interrupted ones, and refuses other flags.
 
 Exit status: 0 every run finished (report written); 3 the time budget is spent (run the same command again);
-a failed run's own status (its last error lines are shown); 2 bad flags; 130 interrupted.
+a failed run's own status (its last error lines are shown); 2 bad flags; 128 + the signal number after
+Ctrl-C or SIGTERM (the running pieces write their checkpoints first).
 """
 import argparse
 import collections
@@ -49,6 +50,7 @@ OWN_MAIN_FLAGS = ('dataset', 'random_seed', 'out_dir', 'log_file', 'resume', 'se
 # A piece needs seconds to load the data and the model; with less time left it would only rewrite its checkpoint.
 MIN_PIECE_SECONDS = 10
 STDERR_TAIL = 8
+PROGRESS_BAR = re.compile(r'\d+%\|')  # tqdm's lines on stderr, left out of the lines shown on failure
 PAUSED = 3  # main.py's status for "time limit reached, checkpoint written, resumable"
 
 
@@ -241,7 +243,7 @@ class SubprocessRunner:
 
     def __init__(self):
         self.procs = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # stop() may run in a signal handler while the main thread holds it
 
     def __call__(self, cmd, cwd, path):
         tail = collections.deque(maxlen=STDERR_TAIL)
@@ -251,7 +253,8 @@ class SubprocessRunner:
                 self.procs.add(proc)
             try:
                 for line in proc.stderr:
-                    tail.extend(part for part in line.replace('\r', '\n').split('\n') if part.strip())
+                    tail.extend(part for part in line.replace('\r', '\n').split('\n')
+                                if part.strip() and not PROGRESS_BAR.search(part))
                 return proc.wait(), list(tail)
             finally:
                 with self.lock:
@@ -279,13 +282,25 @@ def piece_command(path, dataset, seed, flags, seconds):
 def run_all(todo, out, flags, parallel, budget, runner):
     """Run the pieces of the unfinished runs `todo` [(dataset, seed)], up to `parallel` at a time, each given
     what is left of `budget` seconds (None: no limit). Returns 0 (all finished), PAUSED (budget spent or a
-    piece paused) or the status of a failed piece; after a failure the other pieces are stopped (checkpoint)."""
+    piece paused), the status of a failed piece (the other pieces are then stopped at a checkpoint), or
+    128 + the signal number after Ctrl-C or SIGTERM (the pieces write their checkpoints first)."""
     start = time.monotonic()
-    pending, running, status, stopping = list(todo), {}, 0, False
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        try:
+    pending, running, status, stopping, signals = list(todo), {}, 0, False, []
+
+    def on_signal(signum, frame):
+        if not signals:
+            print(f'{signal.Signals(signum).name} received: the running pieces write their checkpoints and stop',
+                  file=sys.stderr, flush=True)
+        signals.append(signum)
+        if hasattr(runner, 'stop'):  # Ctrl-C reaches the pieces by itself, a SIGTERM to this process does not
+            runner.stop()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
             while pending or running:
-                while pending and len(running) < parallel and status == 0:
+                while pending and len(running) < parallel and status == 0 and not signals:
                     left = None if budget is None else budget - (time.monotonic() - start)
                     if left is not None and left < MIN_PIECE_SECONDS:
                         status = PAUSED
@@ -304,23 +319,23 @@ def run_all(todo, out, flags, parallel, budget, runner):
                     code, tail = future.result()
                     if code == 0:
                         print(f'{dataset} seed {seed}: finished', flush=True)
-                    elif code == PAUSED or stopping:
-                        print(f'{dataset} seed {seed}: paused, checkpoint written', flush=True)
+                    elif code == PAUSED or stopping or signals:
+                        saved = os.path.exists(os.path.join(run_dir(out, dataset, seed), 'checkpoint.pt'))
+                        print(f'{dataset} seed {seed}: paused, ' + ('checkpoint written' if saved else
+                                                                    'before its first checkpoint'), flush=True)
                         status = status or PAUSED
                     else:
                         print(f'{dataset} seed {seed}: main.py exited with status {code}; its last lines:\n  '
                               + '\n  '.join(tail), file=sys.stderr, flush=True)
                         if status in (0, PAUSED):
-                            status = code if code > 0 else 1
-                            stopping = True
+                            status, stopping = (code if code > 0 else 1), True
                             if hasattr(runner, 'stop'):
                                 runner.stop()
-        except KeyboardInterrupt:  # the pieces got the same Ctrl-C: let them write their checkpoints
-            print('interrupted: waiting for the running pieces to write their checkpoints', file=sys.stderr)
-            if hasattr(runner, 'stop'):
-                runner.stop()
-            wait(running)
-            return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if signals and status in (0, PAUSED):
+        return 128 + signals[0]
     return status
 
 
@@ -406,7 +421,8 @@ def markdown(report):
     if report['unfinished']:
         lines += ['## Unfinished (not averaged)', '']
         lines += [f'- unfinished: {u["dataset"]} {u["seed"]} '
-                  + (f'(epoch {u["epoch"]})' if u['epoch'] is not None else '(not started)')
+                  + (f'(epoch {u["epoch"]})' if u['epoch'] is not None
+                     else '(no checkpoint yet)' if u['started'] else '(not started)')
                   for u in report['unfinished']]
         lines.append('')
     return '\n'.join(lines)
@@ -452,7 +468,8 @@ def write_report(out):
     report = {'out': out, 'main_flags': state['main_flags'] if state else [],
               'std': 'sample standard deviation (n - 1)', 'relative_difference': '(measured - paper) / paper, percent',
               'datasets': {d: dataset_report(d, seeds) for d, seeds in runs.items()},
-              'unfinished': [{'dataset': d, 'seed': s, 'epoch': r['epoch'] if r['status'] != 'new' else None}
+              'unfinished': [{'dataset': d, 'seed': s, 'epoch': r['epoch'] if r['status'] != 'new' else None,
+                              'started': os.path.isdir(run_dir(out, d, s))}
                              for d, seeds in runs.items() for s, r in seeds.items() if r['status'] != 'finished']}
     write_json(report, os.path.join(out, 'table.json'))
     with open(os.path.join(out, 'table.md'), 'w') as f:
@@ -493,6 +510,9 @@ def reproduce(argv, runner):
               f'python reproduce.py {shlex.join(argv)}')
     elif status == 0:
         write_report(out)
+    elif status > 128:
+        print(f'stopped by {signal.Signals(status - 128).name}; continue with the same command: '
+              f'python reproduce.py {shlex.join(argv)}')
     return status
 
 
