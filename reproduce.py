@@ -17,7 +17,6 @@ import argparse
 import collections
 import csv
 import json
-import math
 import os
 import re
 import shlex
@@ -128,8 +127,20 @@ def read_json(path):
         return json.load(f)
 
 
+def check_plan(datasets, seeds):
+    """Each dataset a plain folder name, each dataset and seed once (two runs must not share a folder)."""
+    for name, values in (('datasets', datasets), ('seeds', seeds)):
+        twice = next((v for v in values or [] if values.count(v) > 1), None)
+        if twice is not None:
+            raise ValueError(f'--{name} lists {twice} twice; give each once')
+    bad = next((d for d in datasets or [] if not d or d.startswith('.') or '/' in d or os.sep in d), None)
+    if bad is not None:
+        raise ValueError(f'--datasets {bad!r}: a dataset is a plain name such as amazon_beauty')
+
+
 def load_state(out, args, flags):
     """The run plan of `out`: the first call's, checked against this call's, or a new one (not yet written)."""
+    check_plan(args.datasets, args.seeds)
     path = os.path.join(out, STATE_FILE)
     if not os.path.exists(path):
         return {'datasets': args.datasets or DEFAULT_DATASETS, 'seeds': args.seeds or DEFAULT_SEEDS,
@@ -164,25 +175,37 @@ def run_dir(out, dataset, seed):
     return os.path.join(out, dataset, f'seed_{seed}')
 
 
-def run_summary(path):
-    """What a run folder holds: a dict with status 'finished' (results.json), 'unfinished' (checkpoint.pt
-    or metrics.csv) or 'new'; epoch (epochs trained), max_epochs, eval_interval, epoch_seconds,
-    validations (Trainer.history rows), results (results.json or None)."""
+def is_smoke(flags):
+    """Whether main.py flags make smoke runs (results.json marks them 'smoke')."""
+    ns = main_parser().parse_args(flags)
+    return bool(ns.limit_train_batches or ns.limit_eval_batches)
+
+
+def run_summary(path, smoke_ok=False):
+    """What a run folder holds: a dict with status 'finished' (results.json, of a smoke run only when
+    smoke_ok), 'unfinished' (checkpoint.pt or metrics.csv) or 'new'; epoch (epochs trained), max_epochs,
+    eval_interval, epoch_seconds, validations (Trainer.history rows), results (results.json or None)."""
     summary = {'status': 'new', 'epoch': 0, 'max_epochs': None, 'eval_interval': None, 'epoch_seconds': [],
                'validations': [], 'results': None}
     results_path, checkpoint_path = os.path.join(path, 'results.json'), os.path.join(path, 'checkpoint.pt')
     metrics_path = os.path.join(path, 'metrics.csv')
-    if os.path.exists(results_path):
-        results = read_json(results_path)
+    results = read_json(results_path) if os.path.exists(results_path) else None
+    if results is not None and (smoke_ok or not results.get('smoke')):
         summary.update(status='finished', results=results, epoch=results['epochs_run'],
                        epoch_seconds=results['epoch_seconds'], validations=results['validations'],
                        max_epochs=results['config']['epochs'], eval_interval=results['config']['eval_interval'])
-    elif os.path.exists(checkpoint_path):
-        state = load_checkpoint(checkpoint_path)
-        summary.update(status='unfinished', epoch=state['epoch'], epoch_seconds=state['epoch_seconds'],
-                       validations=state['history'], max_epochs=state['config']['epochs'],
-                       eval_interval=state['config']['eval_interval'])
-    elif os.path.exists(metrics_path):  # a checkpoint is written with every metrics.csv; kept for safety
+        return summary
+    if os.path.exists(checkpoint_path):
+        try:
+            state = load_checkpoint(checkpoint_path)
+        except ValueError:  # unreadable: main.py --resume will say so; metrics.csv still tells the progress
+            state = None
+        if state is not None:
+            summary.update(status='unfinished', epoch=state['epoch'], epoch_seconds=state['epoch_seconds'],
+                           validations=state['history'], max_epochs=state['config']['epochs'],
+                           eval_interval=state['config']['eval_interval'])
+            return summary
+    if os.path.exists(metrics_path):  # written with every checkpoint
         with open(metrics_path, newline='') as f:
             rows = [{k: float(v) if k not in ('kept',) and v not in ('', None) else v for k, v in row.items()}
                     for row in csv.DictReader(f)]
@@ -268,12 +291,12 @@ class SubprocessRunner:
 
 
 def piece_command(path, dataset, seed, flags, seconds):
-    """main.py's command line for the next piece of a run: a fresh start, or --resume when a checkpoint exists."""
+    """main.py's command line for the next piece of a run: a fresh start, or --resume when a checkpoint exists
+    (the checkpoint holds the run's whole config, and reproduce.json has kept the flags unchanged)."""
     if os.path.exists(os.path.join(path, 'checkpoint.pt')):
-        args = ['--resume', path]
+        args = ['--resume', path, '--log_file', '']
     else:
-        args = ['--dataset', dataset, '--random_seed', str(seed), '--out_dir', path]
-    args += ['--log_file', ''] + flags
+        args = ['--dataset', dataset, '--random_seed', str(seed), '--out_dir', path, '--log_file', ''] + flags
     if seconds is not None:
         args += ['--time_limit', f'{int(seconds)}s']
     return [sys.executable, 'main.py'] + args
@@ -308,7 +331,7 @@ def run_all(todo, out, flags, parallel, budget, runner):
                     dataset, seed = pending.pop(0)
                     path = run_dir(out, dataset, seed)
                     os.makedirs(path, exist_ok=True)
-                    print(progress_line(dataset, seed, run_summary(path)), flush=True)
+                    print(progress_line(dataset, seed, run_summary(path, smoke_ok=is_smoke(flags))), flush=True)
                     running[pool.submit(runner, piece_command(path, dataset, seed, flags, left), REPO, path)] = \
                         (dataset, seed)
                 if not running:
@@ -362,7 +385,8 @@ def collect_runs(out, state):
     runs = {}
     for dataset in list(planned) + [d for d in found if d not in planned]:
         seeds = planned.get(dataset, []) + [s for s in found.get(dataset, []) if s not in planned.get(dataset, [])]
-        runs[dataset] = {s: run_summary(run_dir(out, dataset, s)) for s in seeds}
+        smoke_ok = bool(state) and is_smoke(state['main_flags'])
+        runs[dataset] = {s: run_summary(run_dir(out, dataset, s), smoke_ok) for s in seeds}
     return runs
 
 
@@ -390,8 +414,11 @@ def dataset_report(dataset, runs):
 
 
 def markdown(report):
+    flags = report['main_flags']
+    flags = ('unknown (no reproduce.json)' if flags is None else f'`{shlex.join(flags)}`' if flags
+             else 'none (the reference)')
     lines = ['# DiffuRec: measured test metrics beside the paper\'s Table 2', '',
-             f'Runs in `{report["out"]}`; main.py flags: `{shlex.join(report["main_flags"]) or "none (the reference)"}`.',
+             f'Runs in `{report["out"]}`; main.py flags: {flags}.',
              'Percent. Measured: mean +- sample standard deviation (n - 1) over the finished seeds. '
              'Difference: (measured - paper) / paper.', '']
     for dataset, entry in report['datasets'].items():
@@ -413,8 +440,8 @@ def markdown(report):
                       '|---:|---:|---:|---:|---|---|']
             for run in entry['runs']:
                 lines.append(f'| {run["seed"]} | {run["epochs_run"]} | {run["kept_epoch"]} | '
-                             f'{clock(run["wall_seconds"])} | {run["device"]} | {run["torch_version"]} |'
-                             + (' smoke' if run['smoke'] else ''))
+                             f'{clock(run["wall_seconds"])} | {run["device"]}{" (smoke)" if run["smoke"] else ""} | '
+                             f'{run["torch_version"]} |')
         else:
             lines += ['', 'no finished run yet']
         lines.append('')
@@ -465,7 +492,7 @@ def write_report(out):
     if not runs:
         raise ValueError(f'nothing to report in {out}: no {STATE_FILE} and no <dataset>/seed_<S> run folders; '
                          f'start the runs with python reproduce.py --out {out}')
-    report = {'out': out, 'main_flags': state['main_flags'] if state else [],
+    report = {'out': out, 'main_flags': state['main_flags'] if state else None,
               'std': 'sample standard deviation (n - 1)', 'relative_difference': '(measured - paper) / paper, percent',
               'datasets': {d: dataset_report(d, seeds) for d, seeds in runs.items()},
               'unfinished': [{'dataset': d, 'seed': s, 'epoch': r['epoch'] if r['status'] != 'new' else None,
@@ -499,13 +526,14 @@ def reproduce(argv, runner):
     if not existing:
         os.makedirs(out, exist_ok=True)
         write_json(state, os.path.join(out, STATE_FILE))
+    smoke = is_smoke(flags)
     todo = [(d, s) for d in state['datasets'] for s in state['seeds']
-            if run_summary(run_dir(out, d, s))['status'] != 'finished']
+            if run_summary(run_dir(out, d, s), smoke)['status'] != 'finished']
     if len(todo) < len(state['datasets']) * len(state['seeds']):
         print(f'{len(state["datasets"]) * len(state["seeds"]) - len(todo)} run(s) finished already, skipped')
     status = run_all(todo, out, flags, args.parallel, args.time_limit, runner)
     if status == PAUSED:
-        left = sum(run_summary(run_dir(out, d, s))['status'] != 'finished' for d, s in todo)
+        left = sum(run_summary(run_dir(out, d, s), smoke)['status'] != 'finished' for d, s in todo)
         print(f'time budget spent: {left} run(s) unfinished, checkpoints written; continue with the same command: '
               f'python reproduce.py {shlex.join(argv)}')
     elif status == 0:
@@ -523,6 +551,9 @@ def main(argv=None, runner=None):
         return reproduce(argv, runner or SubprocessRunner())
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --out not writable
+        print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
         return 2
 
 

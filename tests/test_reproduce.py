@@ -97,7 +97,8 @@ def test_differing_flags_are_refused_by_name(finished, capsys):
 def test_bad_or_own_main_flags_are_one_line(tmp_path, capsys):
     for extra, message in ((['--epochz', '3'], 'unrecognized arguments: --epochz 3'),
                            (['--random_seed', '5'], '--random_seed is set by reproduce.py'),
-                           (['--hidden_size', '9'], '--hidden_size 9 is not divisible by --heads 2')):
+                           (['--hidden_size', '9'], '--hidden_size 9 is not divisible by --heads 2'),
+                           (['--seeds', '3', '3'], '--seeds lists 3 twice')):
         assert call(tmp_path / 'out', *extra, runner=never_runs) == 2
         err = capsys.readouterr().err
         assert err.count('\n') == 1 and message in err
@@ -112,7 +113,8 @@ def test_report_lists_an_unfinished_run_and_does_not_average_it(finished, tmp_pa
     assert reproduce.main(['--out', str(out), '--report']) == 0
     table = json.loads((out / 'table.json').read_text())
     entry = table['datasets']['synthetic']
-    assert entry['seeds'] == [1] and table['unfinished'] == [{'dataset': 'synthetic', 'seed': 2, 'epoch': 2, 'started': True}]
+    assert entry['seeds'] == [1]
+    assert table['unfinished'] == [{'dataset': 'synthetic', 'seed': 2, 'epoch': 2, 'started': True}]
     for name in reproduce.PAPER_METRICS:
         assert entry['measured'][name] == {'mean': results(out, 1)['test'][name], 'std': None,
                                            'values': [results(out, 1)['test'][name]]}
@@ -124,10 +126,22 @@ def test_report_lists_an_unfinished_run_and_does_not_average_it(finished, tmp_pa
     capsys.readouterr()
     reproduce.main(['--out', str(out), *FLAGS], runner=recorder)
     [cmd] = recorder.commands
-    assert cmd[1:4] == ['main.py', '--resume', str(out / 'synthetic' / 'seed_2')]
+    assert cmd[1:] == ['main.py', '--resume', str(out / 'synthetic' / 'seed_2'), '--log_file', '']
     best = max(v['NDCG@10'] for v in validations)
     assert re.search(rf'synthetic seed 2: resuming at epoch 2/2, best valid NDCG@10 {best:.4f} \(epoch \d\), '
                      r'\d:\d\d:\d\d elapsed, at most 0:00:00 left', capsys.readouterr().out)
+
+
+def test_smoke_results_are_not_counted_in_a_real_reproduction(finished, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(finished, out)
+    smoke = results(out, 1)
+    smoke['smoke'] = True
+    (out / 'synthetic' / 'seed_1' / 'results.json').write_text(json.dumps(smoke))
+    assert reproduce.main(['--out', str(out), '--report']) == 0
+    table = json.loads((out / 'table.json').read_text())
+    assert table['datasets']['synthetic']['seeds'] == [2]
+    assert [u['seed'] for u in table['unfinished']] == [1]
 
 
 def test_parallel_gives_the_sequential_results(finished, tmp_path):
