@@ -1,0 +1,561 @@
+"""Reproduce the paper's Table 2: one main.py run per (dataset, seed), then the measured table beside the paper's.
+
+    python reproduce.py                                    # amazon_beauty toys ml-1m, seeds 1997 1 2
+    python reproduce.py --time_limit 9m --device cuda      # a 9-minute slice; the same command continues
+    python reproduce.py --out runs/reproduce --report      # table.md, table.json, curves.png of what finished
+
+Each run lives in <out>/<dataset>/seed_<S>/ and is a `python main.py` subprocess with the reference's defaults
+(the authors' script takes only --dataset) plus every flag this script does not know, which is passed through.
+<out>/reproduce.json records the first call's datasets, seeds and main.py flags. A later call skips the
+finished runs, resumes the interrupted ones, and refuses other flags.
+
+Exit status: 0 every run finished (report written); 3 the time budget is spent (run the same command again);
+a failed run's own status (its last error lines are shown); 2 bad flags; 128 + the signal number after
+Ctrl-C or SIGTERM (the running pieces write their checkpoints first).
+"""
+import argparse
+import collections
+import csv
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+import main as main_py
+from trainer import load_checkpoint
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATASETS = ['amazon_beauty', 'toys', 'ml-1m']
+DEFAULT_SEEDS = [1997, 1, 2]
+STATE_FILE = 'reproduce.json'
+
+PAPER_METRICS = ['HR@5', 'HR@10', 'HR@20', 'NDCG@5', 'NDCG@10', 'NDCG@20']
+# Table 2 of the paper, DiffuRec's row, in percent.
+PAPER_TABLE2 = {
+    'amazon_beauty': [5.5758, 7.9068, 11.1098, 4.0047, 4.7494, 5.5566],
+    'toys': [5.5650, 7.4587, 9.8417, 4.1667, 4.7724, 5.3684],
+    'ml-1m': [17.9659, 26.2647, 36.7870, 12.1150, 14.7909, 17.4386],
+}
+PAPER = {name: dict(zip(PAPER_METRICS, row)) for name, row in PAPER_TABLE2.items()}
+
+# main.py flags this script sets for each run itself.
+OWN_MAIN_FLAGS = ('dataset', 'random_seed', 'out_dir', 'log_file', 'resume', 'seeds', 'recommend', 'time_limit')
+# A piece needs seconds to load the data and the model; with less time left it would only rewrite its checkpoint.
+MIN_PIECE_SECONDS = 10
+STDERR_TAIL = 8
+PROGRESS_BAR = re.compile(r'\d+%\|')  # tqdm's lines on stderr, left out of the lines shown on failure
+PAUSED = 3  # main.py's status for "time limit reached, checkpoint written, resumable"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise ValueError, so that main() prints one line."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def duration(text):
+    """'540', '540s', '9m', '1.5h' -> seconds (float > 0)."""
+    match = re.fullmatch(r'\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*', text)
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a duration: give seconds or a number with s, m or h, '
+                                         f'e.g. 9m')
+    return float(match[1]) * {'': 1, 's': 1, 'm': 60, 'h': 3600}[match[2]]
+
+
+def build_parser():
+    p = Parser(description='Run DiffuRec on the paper\'s datasets and seeds and compare with the paper\'s Table 2. '
+                           'Every flag not listed here is passed to main.py (python main.py --help).',
+               allow_abbrev=False)  # a prefix such as --seed must reach main.py, not become --seeds
+    p.add_argument('--datasets', nargs='+', default=None, metavar='D',
+                   help=f'datasets (default {" ".join(DEFAULT_DATASETS)}, or the first call\'s)')
+    p.add_argument('--seeds', type=int, nargs='+', default=None, metavar='S',
+                   help=f'seeds (default {" ".join(map(str, DEFAULT_SEEDS))}, or the first call\'s)')
+    p.add_argument('--out', default='runs/reproduce', help='folder of the runs and the report')
+    p.add_argument('--time_limit', type=duration, default=None, metavar='T',
+                   help='budget of this call (seconds, or a number with s/m/h); when spent: checkpoints, exit 3')
+    p.add_argument('--parallel', type=main_py.positive_int, default=1, metavar='N', help='runs side by side')
+    p.add_argument('--report', action='store_true', help='only write the report of the finished runs in --out')
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main.py flags and the state of --out
+# ----------------------------------------------------------------------------------------------------------
+
+def main_parser():
+    parser = main_py.build_parser()
+
+    def error(message):
+        raise ValueError(f'{message} (a flag passed to main.py; python main.py --help lists them)')
+    parser.error = error
+    return parser
+
+
+def check_main_flags(flags):
+    """Reject pass-through flags main.py does not know, or that this script sets itself (ValueError, one line)."""
+    parser = main_parser()
+    own = [name for name in OWN_MAIN_FLAGS if name in main_py.given_flags(parser, flags)]
+    if own:
+        raise ValueError(f'--{own[0]} is set by reproduce.py for each run; drop it '
+                         f'(use --datasets, --seeds, --out, --time_limit)')
+
+
+def check_configs(flags, datasets):
+    """main.py's own checks of the flags, for each dataset (its presets differ), before any run starts."""
+    for dataset in datasets:
+        main_py.check_config(main_py.parse_config(['--dataset', dataset] + flags))
+
+
+def differing_flags(first, now):
+    """Names of the main.py settings on which two flag lists differ, compared after parsing; those given in
+    `now` first."""
+    parser = main_parser()
+    a, b = vars(parser.parse_args(first)), vars(parser.parse_args(now))
+    given = main_py.given_flags(parser, now)
+    return sorted((name for name in a if a[name] != b[name]), key=lambda name: name not in given)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_plan(datasets, seeds):
+    """Each dataset a plain folder name, each dataset and seed once (two runs must not share a folder)."""
+    for name, values in (('datasets', datasets), ('seeds', seeds)):
+        twice = next((v for v in values or [] if values.count(v) > 1), None)
+        if twice is not None:
+            raise ValueError(f'--{name} lists {twice} twice; give each once')
+    bad = next((d for d in datasets or [] if not d or d.startswith('.') or '/' in d or os.sep in d), None)
+    if bad is not None:
+        raise ValueError(f'--datasets {bad!r}: a dataset is a plain name such as amazon_beauty')
+
+
+def load_state(out, args, flags):
+    """The run plan of `out`: the first call's, checked against this call's, or a new one (not yet written)."""
+    check_plan(args.datasets, args.seeds)
+    path = os.path.join(out, STATE_FILE)
+    if not os.path.exists(path):
+        return {'datasets': args.datasets or DEFAULT_DATASETS, 'seeds': args.seeds or DEFAULT_SEEDS,
+                'main_flags': flags}, False
+    state = read_json(path)
+    for name in ('datasets', 'seeds'):
+        given = getattr(args, name)
+        if given is not None and list(given) != state[name]:
+            raise ValueError(f'--{name} {" ".join(map(str, given))} differs from the first call on {out} '
+                             f'({" ".join(map(str, state[name]))}); repeat it or choose another --out')
+    differ = differing_flags(state['main_flags'], flags)
+    if differ:
+        a, b = vars(main_parser().parse_args(state['main_flags'])), vars(main_parser().parse_args(flags))
+        raise ValueError(f'--{differ[0]} differs from the first call on {out} ({a[differ[0]]!r} then, '
+                         f'{b[differ[0]]!r} now' + (f'; also {", ".join("--" + n for n in differ[1:])}' if differ[1:]
+                                                    else '')
+                         + f'); repeat its flags ({shlex.join(state["main_flags"]) or "none"}) or choose another --out')
+    return state, True
+
+
+def write_json(obj, path):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One run's progress
+# ----------------------------------------------------------------------------------------------------------
+
+def run_dir(out, dataset, seed):
+    return os.path.join(out, dataset, f'seed_{seed}')
+
+
+def is_smoke(flags):
+    """Whether main.py flags make smoke runs (results.json marks them 'smoke')."""
+    ns = main_parser().parse_args(flags)
+    return bool(ns.limit_train_batches or ns.limit_eval_batches)
+
+
+def run_summary(path, smoke_ok=False):
+    """What a run folder holds: a dict with status 'finished' (results.json, of a smoke run only when
+    smoke_ok), 'unfinished' (checkpoint.pt or metrics.csv) or 'new'; epoch (epochs trained), max_epochs,
+    eval_interval, epoch_seconds, validations (Trainer.history rows), results (results.json or None)."""
+    summary = {'status': 'new', 'epoch': 0, 'max_epochs': None, 'eval_interval': None, 'epoch_seconds': [],
+               'validations': [], 'results': None}
+    results_path, checkpoint_path = os.path.join(path, 'results.json'), os.path.join(path, 'checkpoint.pt')
+    metrics_path = os.path.join(path, 'metrics.csv')
+    results = read_json(results_path) if os.path.exists(results_path) else None
+    if results is not None and (smoke_ok or not results.get('smoke')):
+        summary.update(status='finished', results=results, epoch=results['epochs_run'],
+                       epoch_seconds=results['epoch_seconds'], validations=results['validations'],
+                       max_epochs=results['config']['epochs'], eval_interval=results['config']['eval_interval'])
+        return summary
+    if os.path.exists(checkpoint_path):
+        try:
+            state = load_checkpoint(checkpoint_path)
+        except ValueError:  # unreadable: main.py --resume will say so; metrics.csv still tells the progress
+            state = None
+        if state is not None:
+            summary.update(status='unfinished', epoch=state['epoch'], epoch_seconds=state['epoch_seconds'],
+                           validations=state['history'], max_epochs=state['config']['epochs'],
+                           eval_interval=state['config']['eval_interval'])
+            return summary
+    if os.path.exists(metrics_path):  # written with every checkpoint
+        with open(metrics_path, newline='') as f:
+            rows = [{k: float(v) if k not in ('kept',) and v not in ('', None) else v for k, v in row.items()}
+                    for row in csv.DictReader(f)]
+        summary.update(status='unfinished', validations=rows, epoch=int(rows[-1]['epoch']) + 1 if rows else 0)
+    return summary
+
+
+def wall_seconds(summary):
+    """Training plus validation seconds of a run (the test evaluation is not timed)."""
+    return sum(summary['epoch_seconds']) + sum(v.get('seconds') or 0 for v in summary['validations'])
+
+
+def clock(seconds):
+    seconds = int(round(seconds))
+    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def best_ndcg10(validations):
+    rows = [v for v in validations if v.get('NDCG@10') is not None]
+    return max(rows, key=lambda v: v['NDCG@10']) if rows else None
+
+
+def progress_line(dataset, seed, summary):
+    """dataset, seed, epoch reached, best validation NDCG@10, elapsed time, and an upper bound on the time left:
+    the remaining epochs (and validations) up to max_epochs at the run's mean epoch (validation) seconds."""
+    head = f'{dataset} seed {seed}:'
+    if summary['status'] == 'new':
+        return f'{head} starting'
+    epoch, total = summary['epoch'], summary['max_epochs']
+    parts = [f'epoch {epoch}' + (f'/{total}' if total else '')]
+    best = best_ndcg10(summary['validations'])
+    parts.append(f'best valid NDCG@10 {best["NDCG@10"]:.4f} (epoch {int(best["epoch"])})' if best
+                 else 'no validation yet')
+    parts.append(f'{clock(wall_seconds(summary))} elapsed')
+    seconds = summary['epoch_seconds']
+    if total and seconds:
+        interval = summary['eval_interval']
+        due = sum(1 for e in range(epoch, total) if e and e % interval == 0) if interval else 0
+        val_seconds = [v['seconds'] for v in summary['validations'] if v.get('seconds') is not None]
+        left = (total - epoch) * sum(seconds) / len(seconds)
+        if val_seconds:
+            left += due * sum(val_seconds) / len(val_seconds)
+        parts.append(f'at most {clock(left)} left (all {total} epochs; early stopping ends sooner)')
+    return f'{head} resuming at ' + ', '.join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running the pieces
+# ----------------------------------------------------------------------------------------------------------
+
+class SubprocessRunner:
+    """Runs one main.py piece: runner(cmd, cwd, path) -> (exit status, last stderr lines).
+
+    The piece's stdout is appended to <path>/stdout.txt (main.py also writes its log.txt there);
+    its stderr is read as it comes (progress bars included) and only the last lines are kept.
+    stop() asks every running piece to write its checkpoint and exit (SIGTERM, which main.py handles).
+    """
+
+    def __init__(self):
+        self.procs = set()
+        self.lock = threading.RLock()  # stop() may run in a signal handler while the main thread holds it
+
+    def __call__(self, cmd, cwd, path):
+        tail = collections.deque(maxlen=STDERR_TAIL)
+        with open(os.path.join(path, 'stdout.txt'), 'a') as out:
+            proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.PIPE, text=True, errors='replace')
+            with self.lock:
+                self.procs.add(proc)
+            try:
+                for line in proc.stderr:
+                    tail.extend(part for part in line.replace('\r', '\n').split('\n')
+                                if part.strip() and not PROGRESS_BAR.search(part))
+                return proc.wait(), list(tail)
+            finally:
+                with self.lock:
+                    self.procs.discard(proc)
+
+    def stop(self):
+        with self.lock:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+
+
+def piece_command(path, dataset, seed, flags, seconds):
+    """main.py's command line for the next piece of a run: a fresh start, or --resume when a checkpoint exists
+    (the checkpoint holds the run's whole config, and reproduce.json has kept the flags unchanged)."""
+    if os.path.exists(os.path.join(path, 'checkpoint.pt')):
+        args = ['--resume', path, '--log_file', '']
+    else:
+        args = ['--dataset', dataset, '--random_seed', str(seed), '--out_dir', path, '--log_file', ''] + flags
+    if seconds is not None:
+        args += ['--time_limit', f'{int(seconds)}s']
+    return [sys.executable, 'main.py'] + args
+
+
+def run_all(todo, out, flags, parallel, budget, runner):
+    """Run the pieces of the unfinished runs `todo` [(dataset, seed)], up to `parallel` at a time, each given
+    what is left of `budget` seconds (None: no limit). Returns 0 (all finished), PAUSED (budget spent or a
+    piece paused), the status of a failed piece (the other pieces are then stopped at a checkpoint), or
+    128 + the signal number after Ctrl-C or SIGTERM (the pieces write their checkpoints first)."""
+    start = time.monotonic()
+    pending, running, status, stopping, signals = list(todo), {}, 0, False, []
+
+    def on_signal(signum, frame):
+        if not signals:
+            print(f'{signal.Signals(signum).name} received: the running pieces write their checkpoints and stop',
+                  file=sys.stderr, flush=True)
+        signals.append(signum)
+        if hasattr(runner, 'stop'):  # Ctrl-C reaches the pieces by itself, a SIGTERM to this process does not
+            runner.stop()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            while pending or running:
+                while pending and len(running) < parallel and status == 0 and not signals:
+                    left = None if budget is None else budget - (time.monotonic() - start)
+                    if left is not None and left < MIN_PIECE_SECONDS:
+                        status = PAUSED
+                        break
+                    dataset, seed = pending.pop(0)
+                    path = run_dir(out, dataset, seed)
+                    os.makedirs(path, exist_ok=True)
+                    print(progress_line(dataset, seed, run_summary(path, smoke_ok=is_smoke(flags))), flush=True)
+                    running[pool.submit(runner, piece_command(path, dataset, seed, flags, left), REPO, path)] = \
+                        (dataset, seed)
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    dataset, seed = running.pop(future)
+                    code, tail = future.result()
+                    if code == 0:
+                        print(f'{dataset} seed {seed}: finished', flush=True)
+                    elif code == PAUSED or stopping or signals:
+                        saved = os.path.exists(os.path.join(run_dir(out, dataset, seed), 'checkpoint.pt'))
+                        print(f'{dataset} seed {seed}: paused, ' + ('checkpoint written' if saved else
+                                                                    'before its first checkpoint'), flush=True)
+                        status = status or PAUSED
+                    else:
+                        print(f'{dataset} seed {seed}: main.py exited with status {code}; its last lines:\n  '
+                              + '\n  '.join(tail), file=sys.stderr, flush=True)
+                        if status in (0, PAUSED):
+                            status, stopping = (code if code > 0 else 1), True
+                            if hasattr(runner, 'stop'):
+                                runner.stop()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if signals and status in (0, PAUSED):
+        return 128 + signals[0]
+    return status
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------
+
+def seed_of(name):
+    match = re.fullmatch(r'seed_(-?\d+)', name)
+    return int(match[1]) if match else None
+
+
+def collect_runs(out, state):
+    """{dataset: {seed: run_summary}} for the planned runs (state) and any other <dataset>/seed_<S> folder."""
+    planned = {d: list(state['seeds']) for d in state['datasets']} if state else {}
+    found = {}
+    if os.path.isdir(out):
+        for dataset in sorted(os.listdir(out)):
+            folder = os.path.join(out, dataset)
+            seeds = sorted(s for s in map(seed_of, os.listdir(folder)) if s is not None) \
+                if os.path.isdir(folder) else []
+            if seeds:
+                found[dataset] = seeds
+    runs = {}
+    for dataset in list(planned) + [d for d in found if d not in planned]:
+        seeds = planned.get(dataset, []) + [s for s in found.get(dataset, []) if s not in planned.get(dataset, [])]
+        smoke_ok = bool(state) and is_smoke(state['main_flags'])
+        runs[dataset] = {s: run_summary(run_dir(out, dataset, s), smoke_ok) for s in seeds}
+    return runs
+
+
+def dataset_report(dataset, runs):
+    """table.json's entry of one dataset: the paper's row, the measured mean +- std over the finished seeds,
+    the relative difference, and each finished run's epochs, time, device."""
+    finished = {s: r['results'] for s, r in runs.items() if r['status'] == 'finished'}
+    entry = {'paper': PAPER.get(dataset), 'seeds': list(finished), 'measured': None, 'relative_difference': None,
+             'runs': []}
+    if finished:
+        aggregate = main_py.aggregate_results(finished)
+        names = [m for m in PAPER_METRICS if m in aggregate['metrics']] or list(next(iter(finished.values()))['test'])
+        entry['measured'] = {m: aggregate['metrics'][m] for m in names}
+        if entry['paper']:
+            entry['relative_difference'] = {
+                m: round((entry['measured'][m]['mean'] - entry['paper'][m]) / entry['paper'][m] * 100, 2)
+                for m in names if m in entry['paper']}
+    for seed, results in finished.items():
+        entry['runs'].append({
+            'seed': seed, 'epochs_run': results['epochs_run'], 'kept_epoch': results['kept_epoch'],
+            'wall_seconds': round(wall_seconds(runs[seed]), 1), 'device': results['device'],
+            'torch_version': results['torch_version'], 'smoke': results.get('smoke', False),
+            'test': results['test']})
+    return entry
+
+
+def markdown(report):
+    flags = report['main_flags']
+    flags = ('unknown (no reproduce.json)' if flags is None else f'`{shlex.join(flags)}`' if flags
+             else 'none (the reference)')
+    lines = ['# DiffuRec: measured test metrics beside the paper\'s Table 2', '',
+             f'Runs in `{report["out"]}`; main.py flags: {flags}.',
+             'Percent. Measured: mean +- sample standard deviation (n - 1) over the finished seeds. '
+             'Difference: (measured - paper) / paper.', '']
+    for dataset, entry in report['datasets'].items():
+        lines += [f'## {dataset}', '']
+        names = list(entry['measured'] or entry['paper'] or PAPER_METRICS)
+        lines += ['| | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+        if entry['paper']:
+            lines.append('| paper | ' + ' | '.join(f'{entry["paper"][m]:.4f}' for m in names) + ' |')
+        if entry['measured']:
+            n = len(entry['seeds'])
+            lines.append(f'| measured, {n} seed{"s" if n > 1 else ""} | ' + ' | '.join(
+                f'{v["mean"]:.4f} +- ' + ('n/a' if v['std'] is None else f'{v["std"]:.4f}')
+                for v in entry['measured'].values()) + ' |')
+            if entry['relative_difference']:
+                lines.append('| difference | ' + ' | '.join(
+                    f'{entry["relative_difference"][m]:+.2f}%' if m in entry['relative_difference'] else ''
+                    for m in names) + ' |')
+            lines += ['', '| seed | epochs run | kept epoch | train + valid time | device | torch |',
+                      '|---:|---:|---:|---:|---|---|']
+            for run in entry['runs']:
+                lines.append(f'| {run["seed"]} | {run["epochs_run"]} | {run["kept_epoch"]} | '
+                             f'{clock(run["wall_seconds"])} | {run["device"]}{" (smoke)" if run["smoke"] else ""} | '
+                             f'{run["torch_version"]} |')
+        else:
+            lines += ['', 'no finished run yet']
+        lines.append('')
+    if report['unfinished']:
+        lines += ['## Unfinished (not averaged)', '']
+        lines += [f'- unfinished: {u["dataset"]} {u["seed"]} '
+                  + (f'(epoch {u["epoch"]})' if u['epoch'] is not None
+                     else '(no checkpoint yet)' if u['started'] else '(not started)')
+                  for u in report['unfinished']]
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def plot(path, runs):
+    """curves.png: validation NDCG@10 per epoch of every run, one subplot per dataset, the paper's test
+    NDCG@10 as a horizontal line. Returns False (nothing written) without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(5 * len(runs), 4), layout='constrained')
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    for ax, (dataset, seeds) in zip(axes, runs.items()):
+        for seed, summary in seeds.items():
+            rows = [v for v in summary['validations'] if v.get('NDCG@10') is not None]
+            if rows:
+                ax.plot([v['epoch'] for v in rows], [v['NDCG@10'] for v in rows], marker='.',
+                        linestyle='-' if summary['status'] == 'finished' else ':',
+                        label=f'seed {seed}' + ('' if summary['status'] == 'finished' else ' (unfinished)'))
+        if dataset in PAPER:
+            ax.axhline(PAPER[dataset]['NDCG@10'], color='black', linestyle='--', linewidth=1,
+                       label='paper, test')
+        ax.set(xlabel='epoch', ylabel='validation NDCG@10 (%)', title=dataset)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize='small')
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def write_report(out):
+    """table.md, table.json and curves.png in `out` from the runs there; returns the report dict."""
+    state_path = os.path.join(out, STATE_FILE)
+    state = read_json(state_path) if os.path.exists(state_path) else None
+    runs = collect_runs(out, state)
+    if not runs:
+        raise ValueError(f'nothing to report in {out}: no {STATE_FILE} and no <dataset>/seed_<S> run folders; '
+                         f'start the runs with python reproduce.py --out {out}')
+    report = {'out': out, 'main_flags': state['main_flags'] if state else None,
+              'std': 'sample standard deviation (n - 1)', 'relative_difference': '(measured - paper) / paper, percent',
+              'datasets': {d: dataset_report(d, seeds) for d, seeds in runs.items()},
+              'unfinished': [{'dataset': d, 'seed': s, 'epoch': r['epoch'] if r['status'] != 'new' else None,
+                              'started': os.path.isdir(run_dir(out, d, s))}
+                             for d, seeds in runs.items() for s, r in seeds.items() if r['status'] != 'finished']}
+    write_json(report, os.path.join(out, 'table.json'))
+    with open(os.path.join(out, 'table.md'), 'w') as f:
+        f.write(markdown(report))
+    print(f'report written to {os.path.join(out, "table.md")} and table.json')
+    if plot(os.path.join(out, 'curves.png'), runs):
+        print(f'validation curves written to {os.path.join(out, "curves.png")}')
+    else:
+        print('matplotlib is not installed: no curves.png (pip install matplotlib to get the curves)')
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def reproduce(argv, runner):
+    args, flags = build_parser().parse_known_args(argv)
+    out = os.path.abspath(args.out)
+    if args.report:
+        extra = flags + [f'--{n}' for n in ('datasets', 'seeds', 'time_limit') if getattr(args, n) is not None]
+        if extra:
+            raise ValueError(f'--report reads what is in --out; drop {extra[0]}')
+        write_report(out)
+        return 0
+    check_main_flags(flags)
+    state, existing = load_state(out, args, flags)
+    check_configs(flags, state['datasets'])
+    if not existing:
+        os.makedirs(out, exist_ok=True)
+        write_json(state, os.path.join(out, STATE_FILE))
+    smoke = is_smoke(flags)
+    todo = [(d, s) for d in state['datasets'] for s in state['seeds']
+            if run_summary(run_dir(out, d, s), smoke)['status'] != 'finished']
+    if len(todo) < len(state['datasets']) * len(state['seeds']):
+        print(f'{len(state["datasets"]) * len(state["seeds"]) - len(todo)} run(s) finished already, skipped')
+    status = run_all(todo, out, flags, args.parallel, args.time_limit, runner)
+    if status == PAUSED:
+        left = sum(run_summary(run_dir(out, d, s), smoke)['status'] != 'finished' for d, s in todo)
+        print(f'time budget spent: {left} run(s) unfinished, checkpoints written; continue with the same command: '
+              f'python reproduce.py {shlex.join(argv)}')
+    elif status == 0:
+        write_report(out)
+    elif status > 128:
+        print(f'stopped by {signal.Signals(status - 128).name}; continue with the same command: '
+              f'python reproduce.py {shlex.join(argv)}')
+    return status
+
+
+def main(argv=None, runner=None):
+    """Command line -> exit status. runner: how a piece runs (default: a main.py subprocess), see SubprocessRunner."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return reproduce(argv, runner or SubprocessRunner())
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --out not writable
+        print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""reproduce.py: the plan of runs, skipping and resuming, the refused flags, the time budget, the report."""
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import time
+
+import pytest
+
+import reproduce
+
+# Tiny DiffuRec on the synthetic data: a run takes a few seconds, mostly start-up.
+FLAGS = ['--epochs', '2', '--eval_interval', '1', '--hidden_size', '8', '--heads', '2', '--num_blocks', '1',
+         '--diffusion_steps', '4']
+
+
+def call(out, *extra, runner=None):
+    return reproduce.main(['--datasets', 'synthetic', '--seeds', '1', '2', '--out', str(out), *FLAGS, *extra],
+                          runner=runner)
+
+
+def results(out, seed):
+    with open(os.path.join(out, 'synthetic', f'seed_{seed}', 'results.json')) as f:
+        return json.load(f)
+
+
+def never_runs(cmd, cwd, path):
+    pytest.fail(f'no piece should run, got {cmd}')
+
+
+class Recorder:
+    """A fake piece runner: records each command and returns the next of `codes`."""
+
+    def __init__(self, *codes, tail=()):
+        self.codes, self.tail, self.commands = list(codes), list(tail), []
+
+    def __call__(self, cmd, cwd, path):
+        self.commands.append(cmd)
+        return self.codes.pop(0), self.tail
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+    """Two finished synthetic runs (seeds 1 and 2) made by one call, sequentially, with real main.py subprocesses."""
+    out = tmp_path_factory.mktemp('reproduce') / 'out'
+    assert call(out) == 0
+    return out
+
+
+def test_full_call_writes_the_table_with_mean_and_sample_std(finished):
+    with open(finished / 'table.json') as f:
+        table = json.load(f)
+    entry = table['datasets']['synthetic']
+    assert entry['paper'] is None and entry['relative_difference'] is None  # synthetic is not in Table 2
+    assert entry['seeds'] == [1, 2] and table['unfinished'] == []
+    runs = [results(finished, 1), results(finished, 2)]
+    for name in reproduce.PAPER_METRICS:
+        values = [r['test'][name] for r in runs]
+        assert entry['measured'][name]['mean'] == pytest.approx(statistics.mean(values), abs=1e-4)
+        assert entry['measured'][name]['std'] == pytest.approx(statistics.stdev(values), abs=1e-4)
+    assert [r['epochs_run'] for r in entry['runs']] == [2, 2]
+    assert entry['runs'][0]['kept_epoch'] == runs[0]['kept_epoch']
+    assert entry['runs'][0]['device'] == 'cpu' and entry['runs'][0]['torch_version'] == runs[0]['torch_version']
+    assert entry['runs'][0]['wall_seconds'] == pytest.approx(
+        sum(runs[0]['epoch_seconds']) + sum(v['seconds'] for v in runs[0]['validations']), abs=0.1)
+    md = (finished / 'table.md').read_text()
+    mean, std = entry['measured']['NDCG@10']['mean'], entry['measured']['NDCG@10']['std']
+    assert f'{mean:.4f} +- {std:.4f}' in md and '| measured, 2 seeds |' in md and '| paper |' not in md
+    assert (finished / 'curves.png').stat().st_size > 0
+    assert json.loads((finished / 'reproduce.json').read_text()) == {
+        'datasets': ['synthetic'], 'seeds': [1, 2], 'main_flags': FLAGS}
+
+
+def test_second_call_skips_finished_runs(finished, capsys):
+    paths = [finished / 'synthetic' / f'seed_{s}' / 'results.json' for s in (1, 2)]
+    before = [p.stat().st_mtime_ns for p in paths]
+    # Without --datasets/--seeds the first call's plan is used; the flags are the same.
+    assert reproduce.main(['--out', str(finished), *FLAGS], runner=never_runs) == 0
+    assert [p.stat().st_mtime_ns for p in paths] == before
+    assert '2 run(s) finished already, skipped' in capsys.readouterr().out
+
+
+def test_differing_flags_are_refused_by_name(finished, capsys):
+    assert reproduce.main(['--out', str(finished), *FLAGS[:-2], '--diffusion_steps', '8'], runner=never_runs) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: --diffusion_steps differs from the first call')
+    # normalised: the same values spelled otherwise are the same flags
+    spelled = ['--epochs=2', '--eval_interval', '1', '--hidden_size', '8', '--heads=2', '--num_blocks', '1',
+               '--diffusion_steps', '4', '--optimizer', 'Adam']
+    assert reproduce.main(['--out', str(finished), *spelled], runner=never_runs) == 0
+    assert reproduce.main(['--out', str(finished), '--seeds', '1', '3', *FLAGS], runner=never_runs) == 2
+    assert capsys.readouterr().err.startswith('error: --seeds 1 3 differs from the first call')
+
+
+def test_bad_or_own_main_flags_are_one_line(tmp_path, capsys):
+    for extra, message in ((['--epochz', '3'], 'unrecognized arguments: --epochz 3'),
+                           (['--random_seed', '5'], '--random_seed is set by reproduce.py'),
+                           (['--hidden_size', '9'], '--hidden_size 9 is not divisible by --heads 2'),
+                           (['--seeds', '3', '3'], '--seeds lists 3 twice')):
+        assert call(tmp_path / 'out', *extra, runner=never_runs) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and message in err
+    assert not (tmp_path / 'out').exists()  # nothing recorded for a refused first call
+
+
+def test_report_lists_an_unfinished_run_and_does_not_average_it(finished, tmp_path, capsys):
+    out = tmp_path / 'out'
+    shutil.copytree(finished, out)
+    validations = results(out, 2)['validations']
+    os.remove(out / 'synthetic' / 'seed_2' / 'results.json')  # seed 2: checkpoint only, as if interrupted
+    assert reproduce.main(['--out', str(out), '--report']) == 0
+    table = json.loads((out / 'table.json').read_text())
+    entry = table['datasets']['synthetic']
+    assert entry['seeds'] == [1]
+    assert table['unfinished'] == [{'dataset': 'synthetic', 'seed': 2, 'epoch': 2, 'started': True}]
+    for name in reproduce.PAPER_METRICS:
+        assert entry['measured'][name] == {'mean': results(out, 1)['test'][name], 'std': None,
+                                           'values': [results(out, 1)['test'][name]]}
+    md = (out / 'table.md').read_text()
+    assert '- unfinished: synthetic 2 (epoch 2)' in md and '+- n/a' in md
+
+    # The next call resumes it from its checkpoint, after a progress line read from that checkpoint.
+    recorder = Recorder(0)
+    capsys.readouterr()
+    reproduce.main(['--out', str(out), *FLAGS], runner=recorder)
+    [cmd] = recorder.commands
+    assert cmd[1:] == ['main.py', '--resume', str(out / 'synthetic' / 'seed_2'), '--log_file', '']
+    best = max(v['NDCG@10'] for v in validations)
+    assert re.search(rf'synthetic seed 2: resuming at epoch 2/2, best valid NDCG@10 {best:.4f} \(epoch \d\), '
+                     r'\d:\d\d:\d\d elapsed, at most 0:00:00 left', capsys.readouterr().out)
+
+
+def test_smoke_results_are_not_counted_in_a_real_reproduction(finished, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(finished, out)
+    smoke = results(out, 1)
+    smoke['smoke'] = True
+    (out / 'synthetic' / 'seed_1' / 'results.json').write_text(json.dumps(smoke))
+    assert reproduce.main(['--out', str(out), '--report']) == 0
+    table = json.loads((out / 'table.json').read_text())
+    assert table['datasets']['synthetic']['seeds'] == [2]
+    assert [u['seed'] for u in table['unfinished']] == [1]
+
+
+def test_parallel_gives_the_sequential_results(finished, tmp_path):
+    out = tmp_path / 'out'
+    assert call(out, '--parallel', '2') == 0
+    for seed in (1, 2):
+        assert results(out, seed)['test'] == results(finished, seed)['test']
+        assert results(out, seed)['validations'][-1]['NDCG@10'] == results(finished, seed)['validations'][-1]['NDCG@10']
+
+
+def test_report_on_an_empty_folder_is_one_clear_line(tmp_path, capsys):
+    assert reproduce.main(['--out', str(tmp_path), '--report']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith(f'error: nothing to report in {tmp_path}')
+
+
+def test_a_paused_piece_ends_the_call_with_status_3(tmp_path, capsys):
+    recorder = Recorder(3)
+    argv = ['--datasets', 'synthetic', '--seeds', '1', '2', '--out', str(tmp_path), '--time_limit', '9m', *FLAGS]
+    assert reproduce.main(argv, runner=recorder) == 3
+    [cmd] = recorder.commands  # the second run is not started after the first paused
+    assert cmd[-2] == '--time_limit' and re.fullmatch(r'5[34]\ds', cmd[-1])
+    assert cmd[2:6] == ['--dataset', 'synthetic', '--random_seed', '1']
+    out = capsys.readouterr().out
+    assert 'synthetic seed 1: paused' in out
+    assert ('2 run(s) unfinished, checkpoints written; continue with the same command: python reproduce.py '
+            + ' '.join(argv)) in out
+
+
+def test_the_budget_shrinks_and_no_piece_starts_when_it_is_spent(tmp_path, monkeypatch, capsys):
+    now = [1000.0]
+    monkeypatch.setattr(reproduce.time, 'monotonic', lambda: now[0])
+
+    def runner(cmd, cwd, path):  # each piece "takes" 60 s and finishes
+        commands.append(cmd)
+        now[0] += 60
+        return 0, []
+    commands = []
+    argv = ['--datasets', 'synthetic', '--seeds', '1', '2', '3', '--out', str(tmp_path), '--time_limit', '2m']
+    assert reproduce.main(argv + FLAGS, runner=runner) == 3
+    assert [c[-1] for c in commands] == ['120s', '60s']  # nothing left for the third
+    assert 'continue with the same command' in capsys.readouterr().out
+
+
+def test_a_failing_piece_stops_the_call_with_its_status_and_lines(tmp_path, capsys):
+    recorder = Recorder(2, 0, tail=['Traceback? no:', 'error: something went wrong'])
+    assert call(tmp_path, runner=recorder) == 2
+    assert len(recorder.commands) == 1
+    err = capsys.readouterr().err
+    assert 'synthetic seed 1: main.py exited with status 2' in err and 'error: something went wrong' in err
+    assert not (tmp_path / 'table.md').exists()
+
+
+def test_sigterm_stops_the_call_without_calling_the_stopped_piece_an_error(tmp_path, capsys):
+    class Stopped(Recorder):
+        stopped = 0
+
+        def __call__(self, cmd, cwd, path):  # the job scheduler's SIGTERM arrives while the piece runs
+            self.commands.append(cmd)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            return 1, ['SIGTERM: stopped at epoch 1 batch 3; checkpoint written.'] if self.stopped else ['not stopped']
+
+        def stop(self):
+            self.stopped += 1
+    runner, before = Stopped(), signal.getsignal(signal.SIGTERM)
+    assert call(tmp_path, runner=runner) == 128 + signal.SIGTERM
+    assert len(runner.commands) == 1 and runner.stopped == 1  # the piece was asked to stop, none started after
+    captured = capsys.readouterr()
+    assert 'synthetic seed 1: paused' in captured.out and 'exited with status' not in captured.err
+    assert 'stopped by SIGTERM; continue with the same command' in captured.out
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
