@@ -214,3 +214,30 @@ def test_sigterm_stops_the_call_without_calling_the_stopped_piece_an_error(tmp_p
     assert 'synthetic seed 1: paused' in captured.out and 'exited with status' not in captured.err
     assert 'stopped by SIGTERM; continue with the same command' in captured.out
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+
+def test_a_real_time_limit_cuts_the_reproduction_into_calls_that_end_in_the_table(finished, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """main.py's own --time_limit, end to end: a 2 s budget is below the margin a run keeps for its first
+    checkpoint write, so the first piece stops at once with exit 3 on any machine; later calls resume both runs
+    and end with the table, whose metrics are those of the uncut reproduction."""
+    monkeypatch.setattr(reproduce, 'MIN_PIECE_SECONDS', 1)
+    out = tmp_path / 'cut'
+    assert call(out, '--time_limit', '2s') == 3
+    assert 'checkpoint.pt' in os.listdir(out / 'synthetic' / 'seed_1')
+    assert not os.path.exists(out / 'synthetic' / 'seed_1' / 'results.json') and not (out / 'table.json').exists()
+    calls = 1
+    while call(out, '--time_limit', '20s') == 3:  # each piece trains until its own budget runs out
+        calls += 1
+        assert calls < 20, 'the reproduction makes no progress'
+    assert (out / 'table.json').exists()
+    with open(out / 'table.json') as f:
+        entry = json.load(f)['datasets']['synthetic']
+    assert entry['seeds'] == [1, 2]
+    for seed in (1, 2):  # the pieces end where the uncut runs end
+        assert results(out, seed)['test'] == results(finished, seed)['test']
+    runs = [results(out, 1), results(out, 2)]
+    for name in reproduce.PAPER_METRICS:
+        values = [r['test'][name] for r in runs]
+        assert entry['measured'][name]['mean'] == pytest.approx(statistics.mean(values), abs=1e-4)
+        assert entry['measured'][name]['std'] == pytest.approx(statistics.stdev(values), abs=1e-4)
