@@ -52,8 +52,13 @@ def test_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
     # 417 samples: four batches of 104 and a last batch of one row, so one process gets an empty slice
     # and trains on a zero-weight stand-in row.
     assert len(build_samples(data, 20)['train'][1]) % batch == 1
+    # Categories by original id (= the item id here): items 1..40 in pairs c0..c19, item 3 also in 'extra',
+    # items 41..50 in none; so every diversity value of the test top-K is in results.json.
+    with open(tmp_path / 'categories.csv', 'w') as f:
+        f.write('item,category\n' + ''.join(f'{i},c{(i - 1) // 2}\n' for i in range(1, 41)) + '3,extra\n')
     args = ['--dataset', 'tiny', '--data_dir', tmp_path, '--max_len', 20, '--batch_size', batch, '--epochs', 2,
-            '--eval_interval', 1, '--optimizer', 'SGD', '--lr', 0.1] + TINY + DETERMINISTIC
+            '--eval_interval', 1, '--optimizer', 'SGD', '--lr', 0.1, '--category_file', tmp_path / 'categories.csv',
+            '--diversity_measure'] + TINY + DETERMINISTIC
     one, two = tmp_path / 'one', tmp_path / 'two'
     assert main.main([str(a) for a in args + ['--out_dir', one]]) == 0
     proc = torchrun(args + ['--out_dir', two])
@@ -64,6 +69,11 @@ def test_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
     assert r1['epoch_losses'][1] < r1['epoch_losses'][0]  # it trained
     assert r2['best_valid'] == pytest.approx(r1['best_valid'], abs=1e-5)
     assert r2['test'] == pytest.approx(r1['test'], abs=1e-5)
+    # Diversity of the test top-K lists gathered from both processes (in another row order: ild's float sum
+    # may differ in its last bits) equals the one-process value.
+    assert set(r1['diversity']) == {'coverage@20', 'ild@20', 'categories@20', 'category_coverage@20'}
+    assert r2['diversity'] == pytest.approx(r1['diversity'], abs=1e-4)
+    assert r1['diversity']['ild@20'] > 0 and r1['diversity']['categories@20'] > 1
     m1 = torch.load(one / 'checkpoint.pt', weights_only=True)['model']
     m2 = torch.load(two / 'checkpoint.pt', weights_only=True)['model']
     assert m1.keys() == m2.keys()

@@ -287,3 +287,89 @@ def test_recommend_samples_as_the_run_did_unless_told_otherwise(tmp_path, monkey
     assert main.main(['--recommend', run_dir, '--out', out, '--sample_steps', '2', '--precision', 'fp32']) == 0
     assert seen and set(seen) == {('steps', 2)}
     assert main.main(['--recommend', run_dir, '--out', out, '--sample_steps', '5']) == 2  # the run's T is 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --long_head: the group metrics of a hand-made dataset, worked out by hand
+# ----------------------------------------------------------------------------------------------------------
+
+# Full sequences (train + val + test) of ten users; the last two items are val and test. Lengths 3,3,3,4,5,5,6,7,7,8.
+HAND_SEQUENCES = [
+    [4, 1, 2],
+    [4, 5, 7],
+    [4, 9, 1],
+    [4, 6, 2, 5],
+    [4, 6, 7, 3, 4],
+    [3, 6, 7, 10, 8],
+    [3, 3, 1, 1, 11, 12],
+    [3, 1, 2, 2, 5, 6, 1],
+    [5, 8, 8, 9, 9, 12, 2],
+    [10, 10, 11, 11, 12, 4, 4, 8],
+]
+
+
+def hand_scores(self, seq, sample_steps=None):
+    """Scores over the 13 columns (padding 0 and items 1..12) that depend only on the last input item v:
+    with offset d = (column - v - 1) mod 13, score = -d, except d = 2 scores -1 as d = 1 does (a tie).
+    Rank of the label (1 + the other columns scoring >= it): d = 0 -> 1; d = 1 or 2 -> 3 (the tie counts
+    against the label); d >= 3 -> d + 1."""
+    offset = (torch.arange(13)[None] - seq[:, -1:].cpu() - 1) % 13
+    scores = -offset.float()
+    scores[offset == 2] = -1.0
+    return scores.to(seq.device)
+
+
+def test_long_head_groups_of_a_hand_made_dataset(tmp_path, monkeypatch):
+    n = len(HAND_SEQUENCES)
+    data = {'train': {u: s[:-2] for u, s in enumerate(HAND_SEQUENCES)},
+            'val': {u: [s[-2]] for u, s in enumerate(HAND_SEQUENCES)},
+            'test': {u: [s[-1]] for u, s in enumerate(HAND_SEQUENCES)},
+            'umap': {700 + u: u for u in range(n)}, 'smap': {300 + i: i for i in range(1, 13)}}
+    os.makedirs(tmp_path / 'data' / 'hand')
+    with open(tmp_path / 'data' / 'hand' / 'dataset.pkl', 'wb') as f:
+        pickle.dump(data, f)
+    monkeypatch.setattr(DiffuRec, 'scores', hand_scores)
+    assert main.main(['--dataset', 'hand', '--data_dir', str(tmp_path / 'data'), '--long_head',
+                      '--hidden_size', '8', '--num_blocks', '1', '--heads', '1', '--diffusion_steps', '4',
+                      '--max_len', '10', '--batch_size', '16', '--metric_ks', '1', '5', '--epochs', '1',
+                      '--eval_interval', '5', '--log_file', '', '--out_dir', str(tmp_path / 'run')]) == 0
+    groups = read_json(tmp_path / 'run' / 'results.json')['long_head']
+
+    # Each user's sample is left-pad(f[:-1]) -> f[-1], so v = the val item and the label = the test item:
+    #   user   v -> label   d = (label - v - 1) mod 13   rank   NDCG (rank <= 5): 1 / log2(rank + 1)
+    #   0      1 -> 2       0                             1      1
+    #   1      5 -> 7       1                             3      0.5          (tie with d = 2)
+    #   2      9 -> 1       4                             5      1/log2(6) = 0.386853
+    #   3      2 -> 5       2                             3      0.5          (tie with d = 1)
+    #   4      3 -> 4       0                             1      1
+    #   5     10 -> 8      10                            11      -
+    #   6     11 -> 12      0                             1      1
+    #   7      6 -> 1       7                             8      -
+    #   8     12 -> 2       2                             3      0.5
+    #   9      4 -> 8       3                             4      1/log2(5) = 0.430677
+    # Item counts over all full sequences: 1:6 2:5 3:5 4:8 5:4 6:4 7:3 8:4 9:3 10:3 11:3 12:3; sorted
+    # 3,3,3,3,3,4,4,4,5,5,6,8, whose 80th percentile is at position 0.8 * 11 = 8.8, between 5 and 5: 5.
+    # Hot (count >= 5, so the items at exactly 5 are hot): labels 1, 2, 3, 4 -> users 0, 2, 4, 7, 8.
+    # Lengths 3,3,3,4,5,5,6,7,7,8: percentiles 20/40/60/80 at positions 1.8, 3.6, 5.4, 7.2 ->
+    # 3, 4 + 0.6 = 4.6, 5 + 0.4 = 5.4, 7. short: len <= 3 (users 0-2); mid_short: <= 4.6 (user 3);
+    # mid: <= 5.4 (users 4, 5); mid_long: <= 7 (users 6-8); long: user 9.
+    # One batch per group (batch 16), so the batch mean is the user mean; percent, 4 decimals.
+    expected = {
+        # ranks 1, 5, 1, 8, 3: HR@1 2/5, HR@5 4/5, NDCG@5 (1 + 0.386853 + 1 + 0.5) / 5 = 0.577371
+        'hot': {'HR@1': 40.0, 'HR@5': 80.0, 'NDCG@1': 40.0, 'NDCG@5': 57.7371, 'users': 5},
+        # ranks 3, 3, 11, 1, 4: HR@1 1/5, HR@5 4/5, NDCG@5 (0.5 + 0.5 + 1 + 0.430677) / 5 = 0.486135
+        'cold': {'HR@1': 20.0, 'HR@5': 80.0, 'NDCG@1': 20.0, 'NDCG@5': 48.6135, 'users': 5},
+        # ranks 1, 3, 5: HR@1 1/3, HR@5 3/3, NDCG@5 (1 + 0.5 + 0.386853) / 3 = 0.628951
+        'short': {'HR@1': 33.3333, 'HR@5': 100.0, 'NDCG@1': 33.3333, 'NDCG@5': 62.8951, 'users': 3},
+        # rank 3
+        'mid_short': {'HR@1': 0.0, 'HR@5': 100.0, 'NDCG@1': 0.0, 'NDCG@5': 50.0, 'users': 1},
+        # ranks 1, 11
+        'mid': {'HR@1': 50.0, 'HR@5': 50.0, 'NDCG@1': 50.0, 'NDCG@5': 50.0, 'users': 2},
+        # ranks 1, 8, 3: NDCG@5 (1 + 0.5) / 3 = 0.5
+        'mid_long': {'HR@1': 33.3333, 'HR@5': 66.6667, 'NDCG@1': 33.3333, 'NDCG@5': 50.0, 'users': 3},
+        # rank 4: NDCG@5 0.430677
+        'long': {'HR@1': 0.0, 'HR@5': 100.0, 'NDCG@1': 0.0, 'NDCG@5': 43.0677, 'users': 1},
+    }
+    assert list(groups) == list(expected)
+    for name, values in expected.items():
+        assert groups[name] == values, name
