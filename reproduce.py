@@ -60,15 +60,6 @@ class Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def duration(text):
-    """'540', '540s', '9m', '1.5h' -> seconds (float > 0)."""
-    match = re.fullmatch(r'\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*', text)
-    if not match or float(match[1]) <= 0:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a duration: give seconds or a number with s, m or h, '
-                                         f'e.g. 9m')
-    return float(match[1]) * {'': 1, 's': 1, 'm': 60, 'h': 3600}[match[2]]
-
-
 def build_parser():
     p = Parser(description='Run DiffuRec on the paper\'s datasets and seeds and compare with the paper\'s Table 2. '
                            'Every flag not listed here is passed to main.py (python main.py --help).',
@@ -78,7 +69,7 @@ def build_parser():
     p.add_argument('--seeds', type=int, nargs='+', default=None, metavar='S',
                    help=f'seeds (default {" ".join(map(str, DEFAULT_SEEDS))}, or the first call\'s)')
     p.add_argument('--out', default='runs/reproduce', help='folder of the runs and the report')
-    p.add_argument('--time_limit', type=duration, default=None, metavar='T',
+    p.add_argument('--time_limit', type=main_py.duration, default=None, metavar='T',
                    help='budget of this call (seconds, or a number with s/m/h); when spent: checkpoints, exit 3')
     p.add_argument('--parallel', type=main_py.positive_int, default=1, metavar='N', help='runs side by side')
     p.add_argument('--report', action='store_true', help='only write the report of the finished runs in --out')
