@@ -12,7 +12,6 @@ It also measures what bounds them on this machine: the rate of the model's matri
 and of the random number generator, and the time the matrix products alone would take at those rates.
 """
 import json
-import os
 import resource
 import statistics
 import sys

@@ -1,4 +1,5 @@
-"""Figures of a run: the training curves (curves.png). matplotlib is optional: without it nothing is drawn."""
+"""Figures: a run's training curves and a reproduction's validation curves (curves.png). matplotlib is
+optional: without it nothing is drawn."""
 
 
 def plot_curves(path, epoch_losses, validations, names, kept_epoch=None):
@@ -30,5 +31,36 @@ def plot_curves(path, epoch_losses, validations, names, kept_epoch=None):
         ax.grid(alpha=0.3)
     if validations:
         metric_ax.legend(fontsize='small')
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def plot_reproduction(path, runs, paper_ndcg10):
+    """reproduce.py's curves.png: validation NDCG@10 per epoch of every run, one subplot per dataset, the paper's
+    test NDCG@10 (paper_ndcg10: {dataset: value}) as a horizontal line. runs: {dataset: {seed: summary}}, a
+    summary holding 'status' and 'validations' (Trainer.history rows). Returns False (nothing written) without
+    matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(5 * len(runs), 4), layout='constrained')
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    for ax, (dataset, seeds) in zip(axes, runs.items()):
+        for seed, summary in seeds.items():
+            rows = [v for v in summary['validations'] if v.get('NDCG@10') is not None]
+            if rows:
+                ax.plot([v['epoch'] for v in rows], [v['NDCG@10'] for v in rows], marker='.',
+                        linestyle='-' if summary['status'] == 'finished' else ':',
+                        label=f'seed {seed}' + ('' if summary['status'] == 'finished' else ' (unfinished)'))
+        if dataset in paper_ndcg10:
+            ax.axhline(paper_ndcg10[dataset], color='black', linestyle='--', linewidth=1,
+                       label='paper, test')
+        ax.set(xlabel='epoch', ylabel='validation NDCG@10 (%)', title=dataset)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize='small')
     fig.savefig(path, dpi=100)
     return True

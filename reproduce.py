@@ -28,6 +28,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import main as main_py
+import utils
+from plots import plot_reproduction
 from trainer import load_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -150,12 +152,6 @@ def load_state(out, args, flags):
                                                     else '')
                          + f'); repeat its flags ({shlex.join(state["main_flags"]) or "none"}) or choose another --out')
     return state, True
-
-
-def write_json(obj, path):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -446,35 +442,6 @@ def markdown(report):
     return '\n'.join(lines)
 
 
-def plot(path, runs):
-    """curves.png: validation NDCG@10 per epoch of every run, one subplot per dataset, the paper's test
-    NDCG@10 as a horizontal line. Returns False (nothing written) without matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    fig = Figure(figsize=(5 * len(runs), 4), layout='constrained')
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(runs), squeeze=False)[0]
-    for ax, (dataset, seeds) in zip(axes, runs.items()):
-        for seed, summary in seeds.items():
-            rows = [v for v in summary['validations'] if v.get('NDCG@10') is not None]
-            if rows:
-                ax.plot([v['epoch'] for v in rows], [v['NDCG@10'] for v in rows], marker='.',
-                        linestyle='-' if summary['status'] == 'finished' else ':',
-                        label=f'seed {seed}' + ('' if summary['status'] == 'finished' else ' (unfinished)'))
-        if dataset in PAPER:
-            ax.axhline(PAPER[dataset]['NDCG@10'], color='black', linestyle='--', linewidth=1,
-                       label='paper, test')
-        ax.set(xlabel='epoch', ylabel='validation NDCG@10 (%)', title=dataset)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize='small')
-    fig.savefig(path, dpi=100)
-    return True
-
-
 def write_report(out):
     """table.md, table.json and curves.png in `out` from the runs there; returns the report dict."""
     state_path = os.path.join(out, STATE_FILE)
@@ -489,11 +456,11 @@ def write_report(out):
               'unfinished': [{'dataset': d, 'seed': s, 'epoch': r['epoch'] if r['status'] != 'new' else None,
                               'started': os.path.isdir(run_dir(out, d, s))}
                              for d, seeds in runs.items() for s, r in seeds.items() if r['status'] != 'finished']}
-    write_json(report, os.path.join(out, 'table.json'))
-    with open(os.path.join(out, 'table.md'), 'w') as f:
-        f.write(markdown(report))
+    utils.write_json(report, os.path.join(out, 'table.json'))
+    utils.write_atomic(os.path.join(out, 'table.md'), lambda f: f.write(markdown(report)))
     print(f'report written to {os.path.join(out, "table.md")} and table.json')
-    if plot(os.path.join(out, 'curves.png'), runs):
+    paper_ndcg10 = {d: PAPER[d]['NDCG@10'] for d in runs if d in PAPER}
+    if plot_reproduction(os.path.join(out, 'curves.png'), runs, paper_ndcg10):
         print(f'validation curves written to {os.path.join(out, "curves.png")}')
     else:
         print('matplotlib is not installed: no curves.png (pip install matplotlib to get the curves)')
@@ -516,7 +483,7 @@ def reproduce(argv, runner):
     check_configs(flags, state['datasets'])
     if not existing:
         os.makedirs(out, exist_ok=True)
-        write_json(state, os.path.join(out, STATE_FILE))
+        utils.write_json(state, os.path.join(out, STATE_FILE))
     smoke = is_smoke(flags)
     todo = [(d, s) for d in state['datasets'] for s in state['seeds']
             if run_summary(run_dir(out, d, s), smoke)['status'] != 'finished']

@@ -15,7 +15,6 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import utils
 from data import DataError
 from data import histories, DATASETS, DATA_URL_ENV, REPO_COMMIT, build_samples, dataset_url, download_dataset, git_blob_id, group_users, load_dataset, load_pickle_safely, make_synthetic, samples_checksum, validate_dataset
 

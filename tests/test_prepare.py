@@ -472,7 +472,6 @@ def test_cli_writes_loadable_dataset(tmp_path):
     assert stats["name"] == "hand" and stats["input"] == str(src.resolve())
     assert stats["options"]["min_rating"] == 3 and stats["users"] == 3
     # the project's own loader accepts it (what main.py --dataset hand uses)
-    import utils
     assert load_dataset("hand", str(tmp_path / "data"), download=False) == HAND_EXPECTED
 
 
