@@ -1,13 +1,15 @@
-"""Benchmark: time training steps and evaluation batches of DiffuRec on a dataset and config.
+"""Benchmark: time training steps and evaluation batches of DiffuRec (or SASRec) on a dataset and config.
 
     python bench.py --dataset amazon_beauty --steps 10 --eval_batches 2
+    python bench.py --model sasrec --dataset toys --precision bf16   # SASRec with its defaults
     python bench.py --dataset amazon_beauty --precision bf16 --json bench.json
     python bench.py --dataset amazon_beauty --compare      # also time the plain spec implementation
     python bench.py --dataset amazon_beauty --profile 15   # and the 15 costliest operators of each
 
 Takes every model flag of main.py. A training step is forward, backward and optimizer step on a batch of
-`--batch_size` training samples; an evaluation batch is the full reverse process (T steps) and the
-scoring of `--batch_size` validation users. Times are medians over the measured steps, after warm-up.
+`--batch_size` training samples (SASRec: user sequences); an evaluation batch is the full reverse process
+(T steps) and the scoring of `--batch_size` validation users. With the number of batches of an epoch, the
+median step also gives the training time of an epoch. Times are medians over the measured steps, after warm-up.
 It also measures what bounds them on this machine: the rate of the model's matrix products in fp32 and bf16
 and of the random number generator, and the time the matrix products alone would take at those rates.
 """
@@ -21,14 +23,15 @@ import torch
 
 import utils
 from data import DataError, build_samples, load_dataset
-from main import build_parser, check_config
-from model import DiffuRec
+from data import sequence_samples
+from main import build_parser, check_config, set_presets
+from model import DiffuRec, build_model
 from trainer import precision_context
 
 
 def parse_args(argv=None):
     parser = build_parser()
-    parser.description = 'Time DiffuRec training steps and evaluation batches.'
+    parser.description = 'Time DiffuRec (or SASRec) training steps and evaluation batches.'
     bench = parser.add_argument_group('benchmark')
     bench.add_argument('--steps', type=int, default=10, help='training steps to time')
     bench.add_argument('--eval_batches', type=int, default=2, help='evaluation batches to time')
@@ -38,7 +41,7 @@ def parse_args(argv=None):
     bench.add_argument('--json', default=None, metavar='PATH', help='also write the figures as JSON')
     bench.add_argument('--profile', type=int, default=0, metavar='N',
                        help='also profile one training step and one evaluation batch: their N costliest operators')
-    return parser.parse_args(argv)
+    return set_presets(parser, argv).parse_args(argv)
 
 
 def sync(device):
@@ -190,6 +193,8 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         check_config(cfg)
+        if cfg.model == 'sasrec' and cfg.compare:
+            raise ValueError('--compare times the plain implementation of DiffuRec; drop it with --model sasrec')
         device = utils.choose_device(cfg.device)
         data = load_dataset(cfg.dataset, cfg.data_dir)
     except (ValueError, DataError) as e:
@@ -198,33 +203,42 @@ def main(argv=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     utils.set_seed(cfg.random_seed)
-    samples = {k: (x.to(device), y.to(device)) for k, (x, y) in build_samples(data, cfg.max_len).items()}
+    samples = build_samples(data, cfg.max_len)
+    if cfg.model == 'sasrec':  # as main.py trains it: one sequence per user
+        samples['train'] = sequence_samples(data, cfg.max_len)
+    samples = {k: (x.to(device), y.to(device)) for k, (x, y) in samples.items()}
     n_items = len(data['smap'])
-    model = DiffuRec.from_config(cfg, n_items).to(device)
-    if cfg.compile:
+    model = build_model(cfg, n_items).to(device)
+    if cfg.compile and cfg.model == 'diffurec':
         model.approximator.compile()
-    rows = [bench_model('fast (model.py)', model, samples, cfg, device, cfg.precision)]
+    name = 'SASRec (sasrec.py)' if cfg.model == 'sasrec' else 'fast (model.py)'
+    rows = [bench_model(name, model, samples, cfg, device, cfg.precision)]
     if cfg.compare:
         from spec_reference import PlainDiffuRec
         utils.set_seed(cfg.random_seed)
         reference = DiffuRec.from_config(cfg, n_items).to(device)
         plain = PlainDiffuRec(reference, cfg.dropout, cfg.emb_dropout)
         rows.append(bench_model('plain spec (reference)', reference, samples, cfg, device, 'fp32', plain=plain))
-    print(f'DiffuRec benchmark: {cfg.dataset}, batch {cfg.batch_size}, T {cfg.diffusion_steps}, '
-          f'd {cfg.hidden_size}, {cfg.num_blocks} blocks; device {device}; torch {torch.__version__}; '
+    steps = f'T {cfg.diffusion_steps}, ' if cfg.model == 'diffurec' else ''
+    print(f'{"SASRec" if cfg.model == "sasrec" else "DiffuRec"} benchmark: {cfg.dataset}, batch {cfg.batch_size}, '
+          f'{steps}d {cfg.hidden_size}, {cfg.num_blocks} blocks; device {device}; torch {torch.__version__}; '
           f'{torch.get_num_threads()} threads')
     print(table(rows))
+    n_batches = -(-len(samples['train'][1]) // cfg.batch_size)
+    epoch_seconds = round(n_batches * rows[0]['train_step']['median_ms'] / 1000, 1)
+    print(f'an epoch of training: {n_batches} steps, about {epoch_seconds} s at the median step')
     report = {'dataset': cfg.dataset, 'device': str(device),
               'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
               'threads': torch.get_num_threads(), 'torch_version': torch.__version__, 'compile': cfg.compile,
-              'config': utils.config_dict(cfg), 'results': rows}
+              'config': utils.config_dict(cfg), 'results': rows,
+              'epoch': {'steps': n_batches, 'train_seconds_at_median': epoch_seconds}}
     tokens, width = cfg.batch_size * cfg.max_len, cfg.hidden_size
     rates = machine_rates(device, tokens, width)
     report['machine'] = rates
     print(f'machine: products of {tokens} x {width} by {width} x {4 * width} at {rates["gemm_gflops_float32"]:g} '
           f'GFLOP/s in fp32 and {rates["gemm_gflops_bfloat16"]:g} in bf16; '
           f'{rates["random_mwords_per_s"]} M random 64-bit words/s')
-    if cfg.approximator == 'transformer':
+    if cfg.model == 'diffurec' and cfg.approximator == 'transformer':
         work = matmul_gflop(cfg, n_items)
         floors = {f'{k}_ms_{p}': float(f'{1000 * gflop / rates[f"gemm_gflops_{p}"]:.3g}')
                   for k, gflop in work.items() for p in ('float32', 'bfloat16')}

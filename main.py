@@ -206,14 +206,19 @@ def check_config(cfg):
         raise ValueError('--diversity_measure needs --category_file PATH (JSON or CSV: original item id -> category)')
 
 
-def parse_config(argv=None):
-    """Flags -> config namespace. With --resume, the run's saved config, after checking the given flags."""
-    parser = build_parser()
+def set_presets(parser, argv):
+    """The defaults of --model sasrec and --dataset synthetic on `parser`, for the flags argv does not give."""
     known, _ = parser.parse_known_args(argv)
     if known.model == 'sasrec':
         parser.set_defaults(**SASREC_PRESET)
     if known.dataset == 'synthetic':  # after SASRec's: the short schedule wins
         parser.set_defaults(**SYNTHETIC_PRESET)
+    return parser
+
+
+def parse_config(argv=None):
+    """Flags -> config namespace. With --resume, the run's saved config, after checking the given flags."""
+    parser = set_presets(build_parser(), argv)
     cfg = normalise(parser.parse_args(argv))
     given = given_flags(parser, argv)
     if cfg.strict:

@@ -35,6 +35,24 @@ def test_bench_prints_the_table_and_writes_the_report(tmp_path, capsys):
         assert [o['self_ms'] for o in ops] == sorted((o['self_ms'] for o in ops), reverse=True)
 
 
+def test_bench_times_sasrec_with_its_defaults_and_its_epoch(tmp_path, capsys):
+    path = tmp_path / 'bench.json'
+    argv = ['--model', 'sasrec', '--dataset', 'synthetic', '--steps', '2', '--eval_batches', '1', '--warmup', '1',
+            '--json', str(path)]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('SASRec benchmark: synthetic') and 'SASRec (sasrec.py)' in out
+    report = json.loads(path.read_text())
+    assert report['config']['model'] == 'sasrec' and report['config']['heads'] == 1  # SASRec's preset
+    assert 'matmul_gflop' not in report  # the product count is DiffuRec's
+    # synthetic: one training row per user (400), batch 256 (its preset) -> 2 steps an epoch
+    step = report['results'][0]['train_step']['median_ms']
+    assert report['epoch'] == {'steps': 2, 'train_seconds_at_median': round(2 * step / 1000, 1)}
+    assert bench.main(argv + ['--compare']) == 2
+    assert capsys.readouterr().err.strip() == \
+        'error: --compare times the plain implementation of DiffuRec; drop it with --model sasrec'
+
+
 def test_bench_error_is_one_line(tmp_path, capsys):
     assert bench.main(['--dataset', 'nope', '--data_dir', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
