@@ -565,19 +565,23 @@ def main(argv=None):
     """Exit status: 0 done; 1 interrupted or a non-finite loss; 2 bad input; 3 stopped by --time_limit
     (resumable, not finished)."""
     utils.keep_freed_memory()
+    together = False  # whether every process ends at the same point (not after an error of one of them)
     try:
         run_command(parse_config(argv))
+        together = True
     except (ValueError, DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except TimeUp as e:  # resumable, not finished
+        together = True
         print(str(e), file=sys.stderr)
         return 3
-    except RunStopped as e:
+    except RunStopped as e:  # an interrupt or a non-finite loss, agreed by every process
+        together = True
         print(str(e), file=sys.stderr)
         return 1
     finally:
-        utils.end_distributed()
+        utils.end_distributed(together)
     return 0
 
 

@@ -149,10 +149,14 @@ def init_distributed(device, rank, world):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', rank=rank, world_size=world)
 
 
-def end_distributed():
-    """Leave the process group, if this process is in one."""
+def end_distributed(together=False):
+    """Leave the process group, if this process is in one. together: every process ends here at the same point
+    (a finished run, or a stop they agreed on), so they first wait for each other; a process that leaves while
+    another still writes its files was seen to abort in the group's teardown."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
