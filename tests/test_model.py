@@ -288,6 +288,6 @@ def test_freed_memory_is_reused_without_page_faults():
                              text=True, cwd=ROOT, check=True)
         return int(out.stdout.strip())
     assert faults('default') > 4 * 16384 / 2
-    # The best of three: on a busy host the kernel may migrate a block's pages once (memory compaction), and the
+    # One of three attempts: on a busy host the kernel may migrate a block's pages once (memory compaction), and the
     # next touch then faults them in again; without the setting every attempt faults all four blocks.
-    assert min(faults('keep') for _ in range(3)) < 1000
+    assert any(faults('keep') < 1000 for _ in range(3))
