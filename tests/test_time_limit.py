@@ -110,7 +110,8 @@ def test_time_limit_with_seeds_is_refused(tmp_path, capsys):
 
 
 def test_processes_under_torchrun_stop_together(tmp_path):
-    """Two CPU processes: the time-out of either stops both at the same batch, with the same checkpoint."""
+    """Two CPU processes: the time-out of either stops both at the same batch, with the same checkpoint.
+    The run is long enough (no early stop) that even a fast machine reaches the limit first."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -118,8 +119,8 @@ def test_processes_under_torchrun_stop_together(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK')}
     env.update(MASTER_ADDR='127.0.0.1', OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
-           '--master_port', str(port), 'main.py'] + SMALL + ['--epochs', '100', '--out_dir', run_dir,
-                                                                    '--time_limit', '10']
+           '--master_port', str(port), 'main.py'] + SMALL + ['--epochs', '100000', '--patience', '100000',
+                                                                    '--out_dir', run_dir, '--time_limit', '10']
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     # torchrun stops the other process as soon as one exits non-zero, so it may report one exit status 3 or two
     assert 1 <= proc.stderr.count('exitcode  : 3') <= 2 and 'exitcode  : 1' not in proc.stderr, proc.stderr[-3000:]
