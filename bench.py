@@ -172,6 +172,13 @@ def matmul_gflop(cfg, n_items):
             'eval_batch': 2 * (cfg.diffusion_steps * forward + logits) / 1e9}
 
 
+def floor_ratios(row, floors, precision):
+    """How far the measured medians of `row` are from the matrix products alone (matmul_gflop at the rate
+    measured in the same run) in the run's precision: {'train_step': ratio, 'eval_batch': ratio}."""
+    rate = {'fp32': 'float32', 'bf16': 'bfloat16'}[precision]
+    return {k: round(row[k]['median_ms'] / floors[f'{k}_ms_{rate}'], 2) for k in ('train_step', 'eval_batch')}
+
+
 def table(rows):
     head = f'{"implementation":24s}{"precision":>10s}{"train ms/step":>15s}{"(min-max)":>17s}{"samples/s":>11s}' \
            f'{"eval ms/batch":>15s}{"(min-max)":>19s}{"users/s":>9s}{"peak MiB":>10s}'
@@ -247,6 +254,9 @@ def main(argv=None):
               f'{floors["train_step_ms_float32"]:g} ms fp32, {floors["train_step_ms_bfloat16"]:g} ms bf16; '
               f'evaluation batch {work["eval_batch"]:.4g} GFLOP = {floors["eval_batch_ms_float32"]:g} ms fp32, '
               f'{floors["eval_batch_ms_bfloat16"]:g} ms bf16')
+        report['floor_ratio'] = floor_ratios(rows[0], floors, cfg.precision)
+        print(f'median over its floor ({cfg.precision}): training step {report["floor_ratio"]["train_step"]:g}x, '
+              f'evaluation batch {report["floor_ratio"]["eval_batch"]:g}x')
     if cfg.profile:
         train_step, eval_batch, _ = make_steps(model, samples, cfg, device, cfg.precision)
         train_step()  # warm

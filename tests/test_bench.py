@@ -29,6 +29,11 @@ def test_bench_prints_the_table_and_writes_the_report(tmp_path, capsys):
     assert report['speedup']['train'] > 0 and report['threads'] == torch.get_num_threads()
     assert all(report['machine'][k] > 0 for k in ('gemm_gflops_float32', 'gemm_gflops_bfloat16',
                                                   'random_mwords_per_s'))
+    # the ratio of each median to the matrix products alone, at the rate measured in the same run (fp32 here)
+    for part in ('train_step', 'eval_batch'):
+        floor = report['matmul_gflop'][part] * 1000 / report['machine']['gemm_gflops_float32']
+        assert report['floor_ratio'][part] == pytest.approx(fast[part]['median_ms'] / floor, rel=2e-2)
+    assert f'median over its floor (fp32): training step {report["floor_ratio"]["train_step"]:g}x' in out
     for part in ('train_step', 'eval_batch'):
         ops = report['profile'][part]
         assert len(ops) == 5 and all(0 < o['share'] <= 1 and o['calls'] >= 1 for o in ops)
