@@ -13,19 +13,21 @@ import os
 import platform
 import re
 import sys
+import time
 import warnings
 
 import torch
 
 import utils
-from board import Board, require_tensorboard
+from board import require_tensorboard
 from data import (DEFAULT_DATA_DIR, DataError, build_samples, group_users, histories, load_dataset,
                   load_item_categories, samples_checksum, sequence_samples)
 from metrics import diversity_metrics, metric_names, metrics_table
 from model import MODELS, build_model
 from plots import plot_curves
 from recommend import recommend
-from trainer import RunStopped, TimeBudget, TimeUp, Trainer, kept_selection, load_checkpoint
+from stopping import RunStopped, TimeBudget, TimeUp
+from trainer import Trainer, load_checkpoint
 
 METRIC_CHOICES = ('batch', 'user')
 
@@ -362,9 +364,10 @@ def log_copy_name(dataset, run_dir):
     return f'{dataset}_{os.path.basename(os.path.dirname(path))}_{os.path.basename(path)}_{digest}.log'
 
 
-def run(cfg):
-    """One experiment from a parsed config: returns the results dict (also written to results.json)."""
-    budget = TimeBudget(cfg.time_limit) if cfg.time_limit else None  # counted from here: data loading included
+def run(cfg, clock=time.monotonic):
+    """One experiment from a parsed config: returns the results dict (also written to results.json).
+    clock: what --time_limit is counted on."""
+    budget = TimeBudget(cfg.time_limit, clock) if cfg.time_limit else None  # counted from here: data loading included
     check_config(cfg)
     if cfg.tensorboard:
         require_tensorboard()  # its absence is an error before any work
@@ -422,25 +425,17 @@ def run(cfg):
                       data_checksum=data_checksum, histories=excluded, budget=budget)
     if cfg.resume:
         resume(trainer, cfg, data_checksum, rank, world)
-    if cfg.tensorboard and rank == 0:
-        # A resumed run logs from the first epoch its checkpoint has not trained; TensorBoard hides what the
-        # earlier process logged from there on.
-        trainer.board = Board(cfg.tensorboard, purge_step=len(trainer.epoch_losses) if cfg.resume else None)
-        log(f'TensorBoard scalars written to {cfg.tensorboard}')
-    try:
-        trainer.fit()
-    finally:
-        if trainer.board is not None:
-            trainer.board.close()
+    trainer.fit()
 
     if trainer.kept_state is None:
         log('no validation ran (epochs <= eval_interval): testing the final model')
     final = trainer.final_model()
     topk_items = []
     test = trainer.evaluate_split('test', model=final, topk_items=topk_items)
-    selection = kept_selection(trainer.history, trainer.kept_epoch, cfg.select_metric, cfg.metric_ks)
+    summary = trainer.summary()
     rows = {'test': test}
     if trainer.best:
+        selection = summary['selection']
         rows = {'best valid': trainer.best, f'kept valid (epoch {selection["epoch"]})': selection['valid'], **rows}
     log('\n' + metrics_table(rows))
     diversity = diversity_metrics(torch.cat(topk_items), final.item_table.weight, n_items, item_categories)
@@ -448,11 +443,7 @@ def run(cfg):
 
     results = {
         'model': cfg.model, 'dataset': cfg.dataset, 'config': utils.config_dict(cfg), 'test': test,
-        'best_valid': trainer.best, 'best_epoch': trainer.best_epoch, 'kept_epoch': trainer.kept_epoch,
-        'selection': selection, 'diversity': diversity,
-        'epochs_run': len(trainer.epoch_seconds), 'stopped_early': trainer.stopped_early,
-        'epoch_seconds': trainer.epoch_seconds, 'epoch_losses': trainer.epoch_losses,
-        'validations': trainer.history, 'n_params': n_params, 'device': str(device),
+        **summary, 'diversity': diversity, 'n_params': n_params, 'device': str(device),
         'torch_version': torch.__version__, 'smoke': smoke, 'data_checksum': data_checksum,
         'host': platform.node(), 'threads': torch.get_num_threads(), 'world_size': world,
     }
@@ -548,8 +539,8 @@ def run_seeds(cfg):
     return aggregate
 
 
-def run_command(cfg):
-    """What main() runs: --recommend, --seeds, or one run."""
+def run_command(cfg, clock=time.monotonic):
+    """What main() runs: --recommend, --seeds, or one run (its --time_limit counted on `clock`)."""
     if cfg.recommend:
         if cfg.seeds:
             raise ValueError('--recommend reads a trained run; it cannot be combined with --seeds')
@@ -558,16 +549,16 @@ def run_command(cfg):
     elif cfg.seeds:
         run_seeds(cfg)
     else:
-        run(cfg)
+        run(cfg, clock)
 
 
-def main(argv=None):
+def main(argv=None, clock=time.monotonic):
     """Exit status: 0 done; 1 interrupted or a non-finite loss; 2 bad input; 3 stopped by --time_limit
-    (resumable, not finished)."""
+    (resumable, not finished). clock: what --time_limit is counted on (the tests' runs pass a fake one)."""
     utils.keep_freed_memory()
     together = False  # whether every process ends at the same point (not after an error of one of them)
     try:
-        run_command(parse_config(argv))
+        run_command(parse_config(argv), clock)
         together = True
     except (ValueError, DataError) as e:
         print(f'error: {e}', file=sys.stderr)

@@ -9,8 +9,6 @@ import copy
 import csv
 import math
 import os
-import signal
-import time
 from contextlib import nullcontext
 
 import torch
@@ -19,37 +17,7 @@ from tqdm import tqdm
 
 import utils
 from metrics import evaluate, format_metrics, metric_names
-
-
-class RunStopped(Exception):
-    """The run stopped before its end (interrupt or a non-finite loss); the message says why and what next."""
-
-
-class TimeUp(RunStopped):
-    """The run stopped to stay within its time budget (--time_limit), with a checkpoint to resume from."""
-
-
-class TimeBudget:
-    """The seconds one invocation may run (--time_limit), counted on `clock` from the budget's creation."""
-
-    def __init__(self, seconds, clock=time.monotonic):
-        self.seconds, self.clock = seconds, clock
-        self.start = clock()
-
-    def left(self):
-        return self.seconds - (self.clock() - self.start)
-
-
-def format_duration(seconds):
-    """5400 -> '90m', 3600 -> '1h', 95.5 -> '95.5s': a --time_limit value."""
-    for unit, size in (('h', 3600), ('m', 60)):
-        if seconds >= size and seconds % size == 0:
-            return f'{seconds / size:g}{unit}'
-    return f'{seconds:g}s'
-
-
-# Seconds assumed for a checkpoint write until one has been timed; after that, twice the last write.
-SAVE_GUESS = 5.0
+from stopping import CHECK_EVERY, RunStopped, Stopper
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,7 +63,7 @@ class Trainer:
     cfg: the main.py namespace; run_dir: where checkpoints and metrics go (written by rank 0 only).
     budget: a TimeBudget, or None: before each step, validation and the test the trainer checks that the work
     and the checkpoint write after it fit in the time left, else writes the checkpoint and raises TimeUp.
-    board: a board.Board (set by the caller on rank 0) that receives the per-epoch and validation scalars.
+    With cfg.tensorboard, rank 0 logs the per-epoch and validation scalars there (board.Board) during fit().
     """
 
     def __init__(self, model, cfg, samples, run_dir, device, log, rank=0, world=1, data_checksum='',
@@ -106,13 +74,14 @@ class Trainer:
         self.log, self.rank, self.world = log, rank, world
         self.data_checksum = data_checksum
         self.histories = histories or {}  # split -> each row's history, for --exclude_history
-        self.ks = sorted(cfg.metric_ks)
         self.optimizer = build_optimizer(cfg, self.module.parameters())
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.decay_step, gamma=cfg.gamma)
         n_train = len(samples['train'][1])
         self.n_batches = math.ceil(n_train / cfg.batch_size)
         if cfg.limit_train_batches:
             self.n_batches = min(self.n_batches, cfg.limit_train_batches)
+        self.stopper = Stopper(budget, world, device)
+        self.clock = self.stopper.clock
         # Progress, all saved in the checkpoint: the next (epoch, batch) to run, the bests so far.
         self.epoch, self.batch = 0, 0
         self.epoch_elapsed, self.epoch_loss = 0.0, 0.0
@@ -125,14 +94,8 @@ class Trainer:
         self.epoch_seconds = []
         self.epoch_losses = []
         self.history = []       # one dict per validation: epoch, loss, seconds, metrics
-        self._signal = None
+        self.resumed = False
         self._stop_after_epoch = False
-        self.budget = budget
-        self.clock = budget.clock if budget is not None else time.monotonic
-        # Durations on self.clock, kept in the checkpoint so that a resumed piece plans from its start:
-        # the last training step, the last whole validation, the last checkpoint write.
-        self.timing = {'step': None, 'val': None, 'save': None}
-        self._time_up = False
         self.board = None
 
     # -- checkpoint state ----------------------------------------------------------------------------------
@@ -153,7 +116,7 @@ class Trainer:
             'config': utils.config_dict(self.cfg),
             'data_checksum': self.data_checksum,
             'n_items': self.module.n_items,
-            'timing': dict(self.timing),
+            'timing': dict(self.stopper.timing),
         }
 
     def load_state_dict(self, state):
@@ -166,8 +129,9 @@ class Trainer:
                     'bad_count', 'stopped_early', 'epoch_seconds', 'epoch_losses', 'history'):
             setattr(self, key, state[key])
         self.kept_state = state['kept_model']
-        self.timing.update(state.get('timing') or {})  # absent from checkpoints older than --time_limit
+        self.stopper.timing.update(state.get('timing') or {})  # absent from checkpoints older than --time_limit
         utils.set_rng_state(state['rng'])
+        self.resumed = True
 
     def save(self):
         if self.board is not None:  # the board holds at least what the checkpoint knows
@@ -176,185 +140,96 @@ class Trainer:
             begun = self.clock()
             utils.write_atomic(os.path.join(self.run_dir, 'checkpoint.pt'), lambda f: torch.save(self.state_dict(), f),
                                binary=True)
-            self.timing['save'] = self.clock() - begun
+            self.stopper.timing['save'] = self.clock() - begun
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self):
         """Train until `epochs` or early stopping. Raises RunStopped on an interrupt or a non-finite loss,
         TimeUp when the budget runs out; before the test when the test would not fit in the time left
         (a resumed run then only tests)."""
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.open_board()
         try:
-            while self.epoch < self.cfg.epochs and not self.stopped_early:
-                if self.batch < self.n_batches:
-                    if self._time_runs_out(self._batches_to_check(self.batch) * (self.timing['step'] or 0.0)):
-                        self._stop()
-                    self.train_epoch()
-                    if self._stop_after_epoch:  # resumes with this epoch's validation, if one is due
-                        self._stop()
-                epoch = self.epoch
-                # Advance first, so that a checkpoint written by validate() resumes at the next epoch.
-                self.epoch, self.batch = epoch + 1, 0
-                self.epoch_elapsed, self.epoch_loss = 0.0, 0.0
-                if self.validation_due(epoch):
-                    self.validate(epoch)
-            test_seconds = self._test_seconds()
-            if self._time_runs_out(test_seconds):  # the test is never cut: it would be lost whole
-                self._stop(f'before the test (about {test_seconds:.0f}s)')
+            with self.stopper.watching(self.log):
+                self._fit()
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            if self.board is not None:
+                self.board.close()
+
+    def open_board(self):
+        """With --tensorboard, rank 0's board; a resumed run logs from the first epoch its checkpoint has not
+        trained, and TensorBoard hides what an earlier process logged from there on."""
+        if self.cfg.tensorboard and self.rank == 0:
+            from board import Board
+            self.board = Board(self.cfg.tensorboard, purge_step=len(self.epoch_losses) if self.resumed else None)
+            self.log(f'TensorBoard scalars written to {self.cfg.tensorboard}')
+
+    def _fit(self):
+        while self.epoch < self.cfg.epochs and not self.stopped_early:
+            if self.batch < self.n_batches:
+                if self.stopper.runs_out(self._batches_to_check(self.batch) * (self.stopper.timing['step'] or 0.0)):
+                    self._stop()
+                self.train_epoch()
+                if self._stop_after_epoch:  # resumes with this epoch's validation, if one is due
+                    self._stop()
+            epoch = self.epoch
+            # Advance first, so that a checkpoint written by validate() resumes at the next epoch.
+            self.epoch, self.batch = epoch + 1, 0
+            self.epoch_elapsed, self.epoch_loss = 0.0, 0.0
+            if self.validation_due(epoch):
+                self.validate(epoch)
+        test_seconds = self._test_seconds()
+        if self.stopper.runs_out(test_seconds):  # the test is never cut: it would be lost whole
+            self._stop(f'before the test (about {test_seconds:.0f}s)')
 
     def validation_due(self, epoch):
         return epoch != 0 and epoch % self.cfg.eval_interval == 0
 
-    def _on_signal(self, signum, frame):
-        if self._signal is not None:  # a second Ctrl-C while saving: leave it to finish the write
-            return
-        self._signal = signum
-        self.log(f'{signal.Signals(signum).name} received: finishing this batch and writing the checkpoint')
-
     def _stop(self, where=None):
         """Write the checkpoint and raise TimeUp (the budget ran out) or RunStopped (a signal)."""
         where = where or f'at epoch {self.epoch} batch {self.batch}'
-        if self._time_up:
+        if self.stopper.time_up:
             self.log(f'time limit: stopping {where}, writing the checkpoint')
         self.save()
-        if self._time_up:
-            limit = format_duration(self.budget.seconds)
-            raise TimeUp(f'time limit {limit}: stopped {where} with {max(self.budget.left(), 0):.0f}s left; '
-                         f'checkpoint written. Resume with: python main.py --resume {self.run_dir} '
-                         f'--time_limit {limit}')
-        name = signal.Signals(self._signal).name
-        raise RunStopped(f'{name}: stopped {where}; checkpoint written. '
-                         f'Resume with: python main.py --resume {self.run_dir}')
-
-    # -- the time budget -----------------------------------------------------------------------------------
-    def _short_of_time(self, seconds):
-        """Whether `seconds` of work and the checkpoint write after it would overrun the budget (one process)."""
-        if self.budget is None:
-            return False
-        save = SAVE_GUESS if self.timing['save'] is None else 2 * self.timing['save']
-        return self.budget.left() < seconds + save
-
-    def _time_runs_out(self, seconds):
-        """_short_of_time, agreed by every process (a collective when world > 1 and a budget is set)."""
-        if self.budget is None:
-            return False
-        self._time_up = self._short_of_time(seconds)
-        if self.world > 1:
-            self._agree(torch.tensor(-1, device=self.device))
-        return self._time_up
+        raise self.stopper.error(where, self.run_dir)
 
     def _batches_to_check(self, b):
-        """Batches from batch b (the next to run) through the next point where the run may stop: 1
-        with one process; with several, the next check point of train_epoch (every 25th batch, the last)."""
+        """Batches from batch b (the next to run) through the next point where the run may stop: 1 with one
+        process; with several, the next check point of train_epoch (every CHECK_EVERY-th batch, the last)."""
         if self.world == 1:
             return 1
-        return min(-(-b // 25) * 25, self.n_batches - 1) - b + 1
+        return min(-(-b // CHECK_EVERY) * CHECK_EVERY, self.n_batches - 1) - b + 1
 
     def _test_seconds(self):
         """Estimated seconds of the test phase: the last validation's, scaled by the reverse steps, three times
         over with --long_head (its groups cover the users twice more). 0 when no validation was timed."""
-        if self.timing['val'] is None:
+        if self.stopper.timing['val'] is None:
             return 0.0
         steps = {split: self.sample_steps(split) or self.cfg.diffusion_steps for split in ('val', 'test')}
-        return self.timing['val'] * steps['test'] / steps['val'] * (3 if self.cfg.long_head else 1)
-
-    def _validation_stop(self):
-        """stop() for a validation on one process: a signal, or too little time for one more batch (as long as
-        the last) and the checkpoint write."""
-        last = [None]
-
-        def stop():
-            now = self.clock()
-            batch_seconds, last[0] = (0.0 if last[0] is None else now - last[0]), now
-            self._time_up = self._short_of_time(batch_seconds)
-            return self._signal is not None or self._time_up
-        return stop
-
-    def batch_rows(self, perm, b):
-        """Rows of global batch b that this process trains on: its slice of the batch."""
-        return perm[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size].tensor_split(self.world)[self.rank]
-
-    def train_rows(self, perm, b):
-        """(rows, weight): this process's slice of global batch b and the weight of its loss.
-
-        A last batch with fewer rows than processes leaves some slices empty; such a process trains on the
-        batch's first row with weight 0, because DistributedDataParallel needs every process to run
-        forward and backward at every step. Its gradient is then zero and the global mean is unchanged.
-        """
-        rows = self.batch_rows(perm, b)
-        if len(rows) == 0:
-            return perm[b * self.cfg.batch_size:b * self.cfg.batch_size + 1], 0.0
-        return rows, 1.0
-
-    def _agree(self, bad_step):
-        """Across processes, at the same batch: (first non-finite step or -1, whether a signal or the time
-        budget stops the run).
-
-        A collective: each process must call it at the same batch. Every process then stops together,
-        even when the signal, the time-out or the non-finite loss reached only some of them.
-        """
-        never = torch.tensor(self.n_batches, device=self.device)
-        # One MAX all-reduce: minus the earliest bad step (never -> n_batches), the signal number (0 = none)
-        # and the time-out (0 or 1).
-        flags = torch.stack([-torch.where(bad_step < 0, never, bad_step),
-                             torch.tensor(self._signal or 0, device=self.device),
-                             torch.tensor(int(self._time_up), device=self.device)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        first_bad, signum, self._time_up = -int(flags[0]), int(flags[1]), bool(flags[2])
-        if signum:
-            self._signal = signum
-        first_bad = torch.tensor(-1 if first_bad == self.n_batches else first_bad, device=self.device)
-        return first_bad, bool(signum) or self._time_up
+        return self.stopper.timing['val'] * steps['test'] / steps['val'] * (3 if self.cfg.long_head else 1)
 
     def train_epoch(self):
         """Train the rest of epoch self.epoch from batch self.batch; the order is one seeded permutation."""
-        cfg, model = self.cfg, self.model
-        inputs, labels = self.samples['train']
-        generator = torch.Generator().manual_seed(cfg.random_seed * 100003 + self.epoch)
+        labels = self.samples['train'][1]
+        generator = torch.Generator().manual_seed(self.cfg.random_seed * 100003 + self.epoch)
         perm = torch.randperm(len(labels), generator=generator).to(self.device)
-        model.train()
+        self.model.train()
         bad_step = torch.tensor(-1, device=self.device)
         # One process continues the epoch's running sum from its earlier pieces: a cut epoch then adds its
         # losses in the same order as an uninterrupted one, and its mean is the same to the last bit.
         loss_sum = torch.tensor(self.epoch_loss if self.world == 1 else 0.0, dtype=torch.float64, device=self.device)
-        start = time.time()
-        step_began = self.clock()
+        start = step_began = self.clock()
         bar = tqdm(range(self.batch, self.n_batches), desc=f'epoch {self.epoch}', leave=False,
                    disable=self.rank != 0, dynamic_ncols=True, initial=self.batch, total=self.n_batches)
         for b in bar:
-            # the global batch's weight in the mean: its samples (DiffuRec) or real target positions (SASRec)
-            global_size = self.module.loss_units(labels[perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]])
-            rows, weight = self.train_rows(perm, b)
-            seq, label = inputs[rows].to(self.device, non_blocking=True), labels[rows].to(self.device, non_blocking=True)
-            with precision_context(self.device, cfg.precision):
-                _, losses, t = model(seq, label)
-            # Sum over this slice / global batch, times world: DDP's gradient mean then equals the global mean.
-            loss = losses.sum() * (weight * self.world / global_size)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            if cfg.update_lossaware:
-                fed = len(rows) if weight else 0  # a zero-weight stand-in row feeds the sampler nothing
-                self._feed_sampler(t[:fed], losses[:fed])
-            loss_sum += losses.detach().sum().double() * (weight * self.world / global_size)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), b, bad_step)
+            loss, weighted_sum = self.train_step(perm, b)
+            # record
+            loss_sum += weighted_sum
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), b, bad_step)
             self.batch = b + 1
             now = self.clock()
-            self.timing['step'], step_began = now - step_began, now
-            check = b % 25 == 0 or self.batch == self.n_batches
-            if self.batch < self.n_batches and (self.world == 1 or check):  # the epoch's end is fit()'s to judge
-                self._time_up = self._short_of_time(self._batches_to_check(self.batch) * self.timing['step'])
-            stopping = self._signal is not None or self._time_up
-            if self.world > 1:  # decide together, only at check points: a lone process would wait forever
-                bad_step, stopping = self._agree(bad_step) if check else (bad_step, False)
-            if check or stopping:
-                if int(bad_step) >= 0:
-                    raise RunStopped(f'non-finite loss at epoch {self.epoch} step {int(bad_step)}; stopped. '
-                                     f'The last good checkpoint (if any) is in {self.run_dir}; try a lower --lr')
-                bar.set_postfix(loss=f'{loss.detach().float().item():.4f}')
+            self.stopper.timing['step'], step_began = now - step_began, now
+            # check
+            bad_step, stopping = self._check(b, bad_step, loss, bar)
             if stopping and self.batch < self.n_batches:
                 self._finish_partial_epoch(loss_sum, start)
                 self._stop()
@@ -369,6 +244,44 @@ class Trainer:
         if self.board is not None:
             self.board.epoch(self.epoch, mean_loss, lr, self.epoch_elapsed)
 
+    def train_step(self, perm, b):
+        """Forward, backward and optimizer step on this process's slice of global batch b.
+        Returns (the loss stepped on, detached; this slice's share of the epoch's loss sum, float64)."""
+        cfg = self.cfg
+        inputs, labels = self.samples['train']
+        # the global batch's weight in the mean: its samples (DiffuRec) or real target positions (SASRec)
+        global_size = self.module.loss_units(labels[perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]])
+        rows, weight = train_rows(perm, b, cfg.batch_size, self.rank, self.world)
+        seq, label = inputs[rows].to(self.device, non_blocking=True), labels[rows].to(self.device, non_blocking=True)
+        with precision_context(self.device, cfg.precision):
+            _, losses, t = self.model(seq, label)
+        # Sum over this slice / global batch, times world: DDP's gradient mean then equals the global mean.
+        loss = losses.sum() * (weight * self.world / global_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if cfg.update_lossaware:
+            fed = len(rows) if weight else 0  # a zero-weight stand-in row feeds the sampler nothing
+            self._feed_sampler(t[:fed], losses[:fed])
+        return loss.detach(), losses.detach().sum().double() * (weight * self.world / global_size)
+
+    def _check(self, b, bad_step, loss, bar):
+        """After batch b: (first non-finite step or -1, whether to stop now). Raises RunStopped on a non-finite
+        loss. Several processes decide together, at check points only: a lone process would wait forever."""
+        check = b % CHECK_EVERY == 0 or self.batch == self.n_batches
+        if self.batch < self.n_batches and (self.world == 1 or check):  # the epoch's end is fit()'s to judge
+            self.stopper.time_up = self.stopper.short_of_time(self._batches_to_check(self.batch)
+                                                               * self.stopper.timing['step'])
+        stopping = self.stopper.stopping
+        if self.world > 1:
+            bad_step, stopping = self.stopper.agree(bad_step, self.n_batches) if check else (bad_step, False)
+        if check or stopping:
+            if int(bad_step) >= 0:
+                raise RunStopped(f'non-finite loss at epoch {self.epoch} step {int(bad_step)}; stopped. '
+                                 f'The last good checkpoint (if any) is in {self.run_dir}; try a lower --lr')
+            bar.set_postfix(loss=f'{loss.float().item():.4f}')
+        return bad_step, stopping
+
     def _finish_partial_epoch(self, loss_sum, start):
         """Fold this piece of the epoch (called once per train_epoch) into epoch_loss and epoch_elapsed."""
         if self.world > 1:  # this piece's sums, averaged over the processes, added to the earlier pieces'
@@ -376,14 +289,13 @@ class Trainer:
             self.epoch_loss += float(loss_sum / self.world)
         else:  # the running sum, which began from the earlier pieces'
             self.epoch_loss = float(loss_sum)
-        self.epoch_elapsed += time.time() - start
+        self.epoch_elapsed += self.clock() - start
 
     def _feed_sampler(self, t, losses):
         """--update_lossaware: give the loss-aware sampler every sample's loss (from every process)."""
         t, losses = t.detach(), losses.detach().float()
         if self.world > 1:
-            t_all, l_all = utils.all_gather_varlen(t), utils.all_gather_varlen(losses)
-            t, losses = t_all, l_all
+            t, losses = utils.all_gather_varlen(t), utils.all_gather_varlen(losses)
         if hasattr(self.module.sampler, 'update_with_all_losses'):
             self.module.sampler.update_with_all_losses(t.cpu().numpy(), losses.cpu().numpy())
 
@@ -396,8 +308,8 @@ class Trainer:
             histories = self.histories.get(split)
         else:
             inputs, labels, histories = data
-        return evaluate(model or self.module, inputs, labels, self.ks, self.cfg.batch_size, self.device,
-                        metric_average=self.cfg.metric_average,
+        return evaluate(model or self.module, inputs, labels, sorted(self.cfg.metric_ks), self.cfg.batch_size,
+                        self.device, metric_average=self.cfg.metric_average,
                         histories=histories if self.cfg.exclude_history else None,
                         precision=self.cfg.precision, limit_batches=self.cfg.limit_eval_batches,
                         desc=split, rank=self.rank, world=self.world, stop=stop,
@@ -413,53 +325,36 @@ class Trainer:
         """Validate the model trained through `epoch`: update the bests and the kept model, count bad
         validations, write the checkpoint and metrics.csv."""
         # A validation cut short is redone whole: do not start one the time left cannot hold.
-        if self._time_runs_out(self.timing['val'] or 0.0):
+        if self.stopper.runs_out(self.stopper.timing['val'] or 0.0):
             self.epoch, self.batch = epoch, self.n_batches
-            self._stop(f'before the validation of epoch {epoch} (about {self.timing["val"] or 0:.0f}s)')
+            self._stop(f'before the validation of epoch {epoch} (about {self.stopper.timing["val"] or 0:.0f}s)')
         rng_before = utils.rng_state()
-        start, begun = time.time(), self.clock()
+        begun = self.clock()
         # With several processes a signal or time-out is acted on at the next training check point instead:
         # stopping here would have to be agreed at every batch.
-        stop = self._validation_stop() if self.world == 1 else None
-        metrics = self.evaluate_split('val', stop=stop)
-        seconds = time.time() - start
+        metrics = self.evaluate_split('val', stop=self.stopper.batch_stop() if self.world == 1 else None)
         if metrics is None:  # interrupted: the checkpoint resumes with this validation, from the same state
             utils.set_rng_state(rng_before)
             self.epoch, self.batch = epoch, self.n_batches
             self._stop(f'during the validation of epoch {epoch}')
-        self.timing['val'] = self.clock() - begun
-        improved = [m for m, v in metrics.items() if v > self.best.get(m, -math.inf)]
+        seconds = self.stopper.timing['val'] = self.clock() - begun
+        improved, kept, self.bad_count, self.stopped_early = selection_step(
+            metrics, self.best, self.cfg.select_metric, self.bad_count, self.cfg.patience)
         for m in improved:
             self.best[m], self.best_epoch[m] = metrics[m], epoch
-        selected = improved if not self.cfg.select_metric else [m for m in improved if m == self.cfg.select_metric]
-        if selected:
+        if kept:
             self.kept_state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
             self.kept_epoch = epoch
-            self.bad_count = 0
-        else:
-            self.bad_count += 1
-            self.stopped_early = self.bad_count >= self.cfg.patience
         row = {'epoch': epoch, 'loss': round(self.epoch_losses[-1], 6) if self.epoch_losses else None,
-               'seconds': round(seconds, 2), **metrics, 'kept': bool(selected)}
+               'seconds': round(seconds, 2), **metrics, 'kept': kept}
         self.history.append(row)
         self.log(f'valid epoch {epoch}: ' + format_metrics(metrics) + f'  ({seconds:.1f}s)'
-                 + ('  kept' if selected else f'  bad {self.bad_count}/{self.cfg.patience}'))
+                 + ('  kept' if kept else f'  bad {self.bad_count}/{self.cfg.patience}'))
         if self.board is not None:
             self.board.validation(epoch, metrics, seconds)
         self.save()
-        self._write_metrics_csv()
-
-    def _write_metrics_csv(self):
-        if self.rank != 0:
-            return
-        path = os.path.join(self.run_dir, 'metrics.csv')
-        fields = ['epoch', 'loss', 'seconds'] + metric_names(self.ks) + ['kept']
-
-        def write(f):
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.history)
-        utils.write_atomic(path, write)
+        if self.rank == 0:
+            write_metrics_csv(self.run_dir, self.history, self.cfg.metric_ks)
 
     def final_model(self):
         """The model to test: the kept copy, or the final model when no validation kept one."""
@@ -468,6 +363,55 @@ class Trainer:
         model = copy.deepcopy(self.module)
         model.load_state_dict(self.kept_state)
         return model
+
+    def summary(self):
+        """What results.json records of the training: bests, selection, epochs and their losses and times."""
+        return {'best_valid': self.best, 'best_epoch': self.best_epoch, 'kept_epoch': self.kept_epoch,
+                'selection': kept_selection(self.history, self.kept_epoch, self.cfg.select_metric,
+                                            self.cfg.metric_ks),
+                'epochs_run': len(self.epoch_seconds), 'stopped_early': self.stopped_early,
+                'epoch_seconds': self.epoch_seconds, 'epoch_losses': self.epoch_losses,
+                'validations': self.history}
+
+
+def train_rows(perm, b, batch_size, rank, world):
+    """(rows, weight): the slice of global batch b of the permutation `perm` that process `rank` of `world`
+    trains on, and the weight of its loss.
+
+    A last batch with fewer rows than processes leaves some slices empty; such a process trains on the
+    batch's first row with weight 0, because DistributedDataParallel needs every process to run forward and
+    backward at every step. Its gradient is then zero and the global mean is unchanged.
+    """
+    batch = perm[b * batch_size:(b + 1) * batch_size]
+    rows = batch.tensor_split(world)[rank]
+    if len(rows) == 0:
+        return batch[:1], 0.0
+    return rows, 1.0
+
+
+def write_metrics_csv(run_dir, history, metric_ks):
+    """<run_dir>/metrics.csv: one row per validation of `history` (epoch, loss, seconds, metrics, kept)."""
+    fields = ['epoch', 'loss', 'seconds'] + metric_names(sorted(metric_ks)) + ['kept']
+
+    def write(f):
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+    utils.write_atomic(os.path.join(run_dir, 'metrics.csv'), write)
+
+
+def selection_step(metrics, best, select_metric, bad_count, patience):
+    """The reference's model selection after one validation, as a pure function.
+
+    metrics: this validation's; best: the best value of each metric so far (absent = none yet).
+    Returns (improved, kept, bad_count, stop): the metrics that beat their best; whether the model is kept
+    (one of them improved, or select_metric among them when it is set); the validations without a kept
+    model in a row; whether they reached `patience`, which stops training.
+    """
+    improved = [m for m, v in metrics.items() if v > best.get(m, -math.inf)]
+    kept = bool(improved if not select_metric else select_metric in improved)
+    bad_count = 0 if kept else bad_count + 1
+    return improved, kept, bad_count, not kept and bad_count >= patience
 
 
 def kept_selection(history, kept_epoch, select_metric, ks):

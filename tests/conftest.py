@@ -1,7 +1,6 @@
 """Shared pytest fixtures."""
 
 import sys
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,7 @@ def real_data_dir():
 
 class FakeClock:
     """Time that passes only with the work: 10 units per training batch and per evaluation batch, nothing
-    for anything else (a checkpoint write takes 0, trainer.SAVE_GUESS = 5 units until one was timed)."""
+    for anything else (a checkpoint write takes 0, stopping.SAVE_GUESS = 5 units until one was timed)."""
 
     def __init__(self):
         self.now = 0.0
@@ -53,9 +52,7 @@ class FakeClock:
 
 @pytest.fixture
 def clock(monkeypatch):
-    """main.run's TimeBudget on a FakeClock that DiffuRec's training and scoring batches advance."""
-    import main
-    import trainer
+    """A FakeClock that DiffuRec's training and scoring batches advance: pass it to main.main(argv, clock=...)."""
     from model import DiffuRec
     fake = FakeClock()
     forward, scores = DiffuRec.forward, DiffuRec.scores
@@ -70,5 +67,4 @@ def clock(monkeypatch):
 
     monkeypatch.setattr(DiffuRec, 'forward', timed_forward)
     monkeypatch.setattr(DiffuRec, 'scores', timed_scores)
-    monkeypatch.setattr(main, 'TimeBudget', partial(trainer.TimeBudget, clock=fake))
     return fake

@@ -40,9 +40,9 @@ def check_board(board, run_dir):
 def test_a_run_cut_by_its_time_limit_logs_every_epoch_once(tmp_path, clock, capsys):
     run_dir, log_dir = str(tmp_path / 'run'), str(tmp_path / 'tb')
     # 3 epochs (90 units); the first validation starts (5 left, the save guess) and is cut after one batch.
-    assert main.main(SMALL + ['--out_dir', run_dir, '--tensorboard', log_dir, '--time_limit', '95']) == 3
+    assert main.main(SMALL + ['--out_dir', run_dir, '--tensorboard', log_dir, '--time_limit', '95'], clock=clock) == 3
     assert 'during the validation of epoch 2' in capsys.readouterr().err
-    assert main.main(['--resume', run_dir]) == 0  # --tensorboard kept from the run
+    assert main.main(['--resume', run_dir], clock=clock) == 0  # --tensorboard kept from the run
     assert len(os.listdir(log_dir)) == 2
     check_board(scalars(log_dir), run_dir)
 

@@ -152,3 +152,14 @@ def test_strict_run_end_to_end(tmp_path):
     assert res['best_valid'] == {m: max(r[m] for r in rows) for m in metric_names([5, 10, 20])}
     sampler = load_checkpoint(os.path.join(out, 'checkpoint.pt'))['sampler']
     assert int(sampler['loss_counts'].sum()) > 0
+
+
+def test_selection_step_is_the_reference_rule_written_out():
+    """Kept when any metric beats its best (or --select_metric alone does); patience counts the validations
+    in a row without a kept model."""
+    from trainer import selection_step
+    best = {'HR@10': 5.0, 'NDCG@10': 3.0}
+    assert selection_step({'HR@10': 5.5, 'NDCG@10': 2.0}, best, None, 3, 5) == (['HR@10'], True, 0, False)
+    assert selection_step({'HR@10': 5.5, 'NDCG@10': 2.0}, best, 'NDCG@10', 3, 5) == (['HR@10'], False, 4, False)
+    assert selection_step({'HR@10': 5.0, 'NDCG@10': 3.0}, best, None, 4, 5) == ([], False, 5, True)  # ties do not improve
+    assert selection_step({'HR@10': 0.0, 'NDCG@10': 0.0}, {}, 'NDCG@10', 0, 1) == (['HR@10', 'NDCG@10'], True, 0, False)

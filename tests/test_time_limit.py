@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main
-import trainer
+import stopping
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 epochs of 4 training batches, a validation (2 batches) after epochs 1, 2 and 3, a test of 2 batches.
@@ -43,16 +43,16 @@ def test_a_run_cut_by_its_time_limit_ends_as_the_whole_run(tmp_path, clock, caps
     ]
     for i, (limit, where) in enumerate(pieces):
         argv = ['--resume', cut] if i else SMALL + ['--out_dir', cut]
-        assert main.main(argv + ['--time_limit', limit]) == 3
+        assert main.main(argv + ['--time_limit', limit], clock=clock) == 3
         err = capsys.readouterr().err
         [line] = stop_lines(err)
-        shown = trainer.format_duration(main.duration(limit))
+        shown = stopping.format_duration(main.duration(limit))
         assert line.startswith(f'time limit {shown}: stopped {where} with '), line
         assert line.endswith(f'checkpoint written. Resume with: python main.py --resume {cut} --time_limit {shown}')
         assert 'Traceback' not in err and not os.path.exists(os.path.join(cut, 'results.json'))
     state = torch.load(os.path.join(cut, 'checkpoint.pt'), weights_only=True)
     assert (state['epoch'], state['batch'], len(state['history'])) == (4, 0, 3)  # trained, validated, untested
-    assert main.main(['--resume', cut, '--time_limit', '100']) == 0  # the test only: 20 units
+    assert main.main(['--resume', cut, '--time_limit', '100'], clock=clock) == 0  # the test only: 20 units
     a, b = results(whole), results(cut)
     assert a['epoch_losses'] == b['epoch_losses'] and len(b['epoch_losses']) == 4
     assert a['test'] == b['test'] and a['best_valid'] == b['best_valid'] and a['kept_epoch'] == b['kept_epoch']
@@ -73,11 +73,11 @@ def test_a_budget_too_small_for_anything_stops_cleanly_with_status_3(tmp_path):
 
 def test_the_limit_is_per_invocation_and_may_be_given_with_resume(tmp_path, clock, capsys):
     run_dir = str(tmp_path / 'run')
-    assert main.main(SMALL + ['--out_dir', run_dir, '--time_limit', '40']) == 3
+    assert main.main(SMALL + ['--out_dir', run_dir, '--time_limit', '40'], clock=clock) == 3
     assert main.parse_config(['--resume', run_dir]).time_limit is None  # not inherited
     assert main.parse_config(['--resume', run_dir, '--time_limit', '9m']).time_limit == 540
     capsys.readouterr()
-    assert main.main(['--resume', run_dir]) == 0  # no limit: to the end
+    assert main.main(['--resume', run_dir], clock=clock) == 0  # no limit: to the end
     assert results(run_dir)['epochs_run'] == 4
 
 
@@ -98,9 +98,9 @@ def test_a_bad_time_limit_is_one_argparse_error(text, capsys):
 
 
 def test_format_duration_gives_a_time_limit_value():
-    assert [trainer.format_duration(s) for s in (5400, 3600, 540, 90, 0.5)] == ['90m', '1h', '9m', '90s', '0.5s']
+    assert [stopping.format_duration(s) for s in (5400, 3600, 540, 90, 0.5)] == ['90m', '1h', '9m', '90s', '0.5s']
     for s in (5400, 3600, 540, 90, 0.5):
-        assert main.duration(trainer.format_duration(s)) == s
+        assert main.duration(stopping.format_duration(s)) == s
 
 
 def test_time_limit_with_seeds_is_refused(tmp_path, capsys):
