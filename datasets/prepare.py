@@ -14,6 +14,9 @@ Input formats (``--format``; ``auto`` looks at the first non-blank line):
   ``--rating_col`` for ``--min_rating``); common names such as ``user_id``,
   ``item_id``, ``timestamp`` are found without the flags.  CSV may quote fields
   (RFC 4180); TSV is read without quoting.
+* ``recbole``: RecBole's atomic ``.inter`` file: tab-separated, a typed header
+  (``user_id:token``, ``item_id:token``, ``timestamp:float``, in any order;
+  other columns are ignored).  ``datasets/to_recbole.py`` writes this format.
 * ``amazon``: ``user,item,rating,timestamp`` without a header (the Amazon
   "ratings only" files).
 * ``movielens``: ``user::item::rating::timestamp`` (``ratings.dat``).
@@ -63,9 +66,9 @@ import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import count
+from itertools import chain, count
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -75,7 +78,7 @@ from data import DEFAULT_DATA_DIR as _DATA_DIR, DataError, check_name  # noqa: E
 from utils import write_atomic  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(_DATA_DIR)
-FORMATS = ("auto", "csv", "tsv", "amazon", "movielens")
+FORMATS = ("auto", "csv", "tsv", "recbole", "amazon", "movielens")
 MIN_SEQ_LEN = 3          # train >= 1 item, plus one val and one test item
 BLOCK_SIZE = 8 << 20     # bytes read per chunk; tests shrink it to hit chunk edges
 PICKLE_PROTOCOL = 4
@@ -89,6 +92,36 @@ COLUMN_CANDIDATES = {
              "created_at", "event_time"),
     "rating": ("rating", "ratings", "score", "stars", "overall"),
 }
+
+
+# RecBole's atomic files: tab-separated, every header field "name:type".  The
+# reader below and the export (inter_lines, used by datasets/to_recbole.py)
+# share these, so the two directions cannot drift apart.
+INTER_TYPES = ("token", "token_seq", "float", "float_seq")
+INTER_ROLE_TYPES = {"user": "token", "item": "token", "time": "float", "rating": "float"}
+INTER_COLUMNS = (("user", "user_id"), ("item", "item_id"), ("time", "timestamp"))
+INTER_HEADER = "\t".join(f"{name}:{INTER_ROLE_TYPES[role]}" for role, name in INTER_COLUMNS)
+
+
+def inter_lines(dataset: dict) -> Iterator[str]:
+    """The RecBole ``.inter`` text of a dataset dict, line by line.
+
+    One row per interaction: users ascending, each user's train + val + test in
+    order.  Tokens are the dataset's own ids.  The timestamp is the row number,
+    unique over the file, so ordering by time (RecBole's ``order: TO``) gives
+    back exactly this order and its leave-one-out split is the dataset's.
+    """
+    yield INTER_HEADER + "\n"
+    t = count()
+    for u in range(len(dataset["train"])):
+        for item in chain(dataset["train"][u], dataset["val"][u], dataset["test"][u]):
+            yield f"{u}\t{item}\t{next(t)}\n"
+
+
+def _typed_field(field: str) -> Optional[tuple]:
+    """("name", "type") of a RecBole header field such as "item_id:token", else None."""
+    name, sep, kind = field.strip().rpartition(":")
+    return (name, kind) if sep and name and kind in INTER_TYPES else None
 
 
 # --------------------------------------------------------------------------- reading
@@ -178,7 +211,9 @@ def detect_format(first_line: bytes) -> str:
     if b"::" in first_line:
         return "movielens"
     if b"\t" in first_line:
-        return "tsv"
+        fields = first_line.rstrip(b"\r\n").decode("utf-8", "replace").split("\t")
+        # One typed field is enough: a half-typed header then gets the .inter error, not a TSV one.
+        return "recbole" if any(map(_typed_field, fields)) else "tsv"
     if b"," in first_line:
         fields = first_line.rstrip(b"\r\n").split(b",")
         # A header has names where Amazon rows have numeric rating and time.
@@ -208,23 +243,37 @@ def _fixed_layout(fmt: str, need_rating: bool) -> _Layout:
 
 def _header_layout(fmt: str, header_line: bytes, encoding: str, cols: dict,
                    need_rating: bool) -> _Layout:
-    """CSV/TSV: find the requested columns in the header line."""
+    """CSV/TSV/RecBole: find the requested columns in the header line."""
     sep = "," if fmt == "csv" else "\t"
     text = _decode(header_line, encoding, "the header line").rstrip("\r\n")
     quoting = csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE
     header = [h.strip() for h in next(csv.reader([text], delimiter=sep, quoting=quoting))]
+    lookup, fix = header, ""
+    if fmt == "recbole":
+        typed = [_typed_field(h) for h in header]
+        bad = next((h for h, t in zip(header, typed) if t is None), None)
+        if bad is not None:
+            raise DataError(f"header field {bad!r} is not name:type with a RecBole type "
+                            f"({', '.join(INTER_TYPES)}); a .inter header reads like "
+                            f"{INTER_HEADER.replace(chr(9), ' ')!r} (tab-separated)")
+        lookup = [name for name, _ in typed]
+        fix = f" (a RecBole .inter file needs {INTER_HEADER.replace(chr(9), ', ')})"
     roles = ["user", "item", "time"] + (["rating"] if need_rating else [])
     index, names = {}, {}
     for role in roles:
-        idx = _find_column(header, role, cols.get(role))
+        idx = _find_column(lookup, role, cols.get(role), fix)
         if idx in index.values():
             raise DataError(f"column {header[idx]!r} is used for two roles; "
                                f"pass --user_col/--item_col/--time_col explicitly")
+        if fmt == "recbole" and typed[idx][1] != INTER_ROLE_TYPES[role]:
+            raise DataError(f"column {header[idx]!r} is the {role} column, whose type must be "
+                            f"{INTER_ROLE_TYPES[role]}; change the header to "
+                            f"{typed[idx][0]}:{INTER_ROLE_TYPES[role]}")
         index[role], names[role] = idx, header[idx]
     return _Layout(fmt, sep.encode(), b'"' if fmt == "csv" else None, len(header), index, names)
 
 
-def _find_column(header: list, role: str, wanted: Optional[str]) -> int:
+def _find_column(header: list, role: str, wanted: Optional[str], fix: str = "") -> int:
     lower = [h.lower() for h in header]
     shown = ", ".join(header)
     if wanted is not None:
@@ -232,7 +281,7 @@ def _find_column(header: list, role: str, wanted: Optional[str]) -> int:
             return header.index(wanted)
         if wanted.lower() in lower:
             return lower.index(wanted.lower())
-        raise DataError(f"column {wanted!r} (--{role}_col) is not in the header: {shown}")
+        raise DataError(f"column {wanted!r} (--{role}_col) is not in the header: {shown}{fix}")
     for name in COLUMN_CANDIDATES[role]:
         if name in lower:
             return lower.index(name)
@@ -240,7 +289,7 @@ def _find_column(header: list, role: str, wanted: Optional[str]) -> int:
     if all(_is_number(h.encode()) or not h for h in header[2:]):
         hint = " (no header line? headerless user,item,rating,timestamp is --format amazon)"
     raise DataError(f"no {role} column found in the header ({shown}); "
-                       f"pass --{role}_col{hint}")
+                       f"pass --{role}_col{hint}{fix}")
 
 
 def _decode(b: bytes, encoding: str, what: str) -> str:
@@ -338,9 +387,10 @@ def _rows_slow(buf: bytes, lay: _Layout, first_line: int, encoding: str):
 class _TimeParser:
     """Parse timestamp fields; the first value decides numbers vs dates."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, kind: Optional[str] = None, fix: str = ""):
         self.where = where
-        self.kind = None              # "number" or "date"
+        self.kind = kind              # "number" or "date"; None: the first value decides
+        self.fix = fix                # appended to a parse error
 
     def __call__(self, col: list, line_of: Callable[[int], int]) -> np.ndarray:
         if self.kind is None:
@@ -349,7 +399,13 @@ class _TimeParser:
             try:        # most logs hold integer seconds; int64 keeps them exact
                 return np.fromiter(map(int, col), dtype=np.int64, count=len(col))
             except (ValueError, OverflowError):
+                pass
+            try:
                 return _parse_floats(col, "timestamp", self.where, line_of, finite=True)
+            except DataError as e:
+                if not self.fix:
+                    raise
+                raise DataError(f"{e}; {self.fix}") from None
         return self._dates(col, line_of)
 
     def _dates(self, col: list, line_of) -> np.ndarray:
@@ -432,7 +488,7 @@ def _read_stream(path, raw, stream, fmt, cols, need_rating, encoding, progress, 
         if line_no == 1 and first.startswith(codecs.BOM_UTF8):
             first = first[len(codecs.BOM_UTF8):]
     fmt = detect_format(first) if fmt == "auto" else fmt
-    if fmt in ("csv", "tsv"):
+    if fmt in ("csv", "tsv", "recbole"):
         lay = _header_layout(fmt, first, encoding, cols, need_rating)
         pending, next_line = b"", line_no + 1
     else:
@@ -441,7 +497,11 @@ def _read_stream(path, raw, stream, fmt, cols, need_rating, encoding, progress, 
     progress.say(f"reading {path} as {fmt}")
 
     udict, idict = {}, {}
-    parse_time = _TimeParser(lay.where("time"))
+    if fmt == "recbole":        # a float column: RecBole itself would not read dates
+        parse_time = _TimeParser(lay.where("time"), "number",
+                                 f"{lay.names['time']} holds numbers; fix or remove that line")
+    else:
+        parse_time = _TimeParser(lay.where("time"))
     parts = {"u": [], "i": [], "t": [], "r": []}
     n_rows = 0
     size = os.fstat(raw.fileno()).st_size
@@ -719,7 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Convert an interaction log into datasets/data/NAME/dataset.pkl "
                     "for DiffuRec (k-core filtering, time order, leave-one-out split).")
-    p.add_argument("input", help="interaction log (CSV/TSV/Amazon/MovieLens, may be gzipped)")
+    p.add_argument("input", help="interaction log (CSV/TSV/RecBole .inter/Amazon/MovieLens, "
+                   "may be gzipped)")
     p.add_argument("--name", required=True, help="dataset name: output folder, "
                    "and the value for main.py --dataset")
     p.add_argument("--format", choices=FORMATS, default="auto", dest="fmt",
@@ -741,13 +802,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def one_line_errors(body: Callable[[], int]) -> int:
+    """Run a command's body; bad input or a failed write becomes one ``error:`` line and exit code 2.
+
+    Shared by this script and datasets/to_recbole.py.
+    """
     try:
-        out_dir, stats = prepare(
-            args.input, args.name, args.data_dir, args.fmt, args.user_col, args.item_col,
-            args.time_col, args.rating_col, args.min_rating, args.min_count,
-            args.overwrite, args.encoding, verbose=not args.quiet)
+        return body()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -758,6 +819,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return one_line_errors(lambda: _run(args))
+
+
+def _run(args) -> int:
+    out_dir, stats = prepare(
+        args.input, args.name, args.data_dir, args.fmt, args.user_col, args.item_col,
+        args.time_col, args.rating_col, args.min_rating, args.min_count,
+        args.overwrite, args.encoding, verbose=not args.quiet)
     if not args.quiet:
         print(f"wrote {out_dir / 'dataset.pkl'}: {stats['users']:,} users, "
               f"{stats['items']:,} items, {stats['interactions']:,} interactions "

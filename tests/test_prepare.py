@@ -581,6 +581,178 @@ def test_cli_nothing_survives_and_existing_output(tmp_path, capsys):
     assert stats["options"]["min_count"] == 3
 
 
+# ------------------------------------------------------------ RecBole's atomic .inter file
+
+def _load_export():
+    spec = importlib.util.spec_from_file_location("diffurec_to_recbole",
+                                                  ROOT / "datasets" / "to_recbole.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+to_recbole = _load_export()
+
+# Item ids not in first-appearance order, and user 0 takes item 2 twice.
+SMALL = {"train": {0: [2, 3], 1: [1]}, "val": {0: [2], 1: [3]}, "test": {0: [1], 1: [2]},
+         "umap": {"ann": 0, "bob": 1}, "smap": {"x": 1, "y": 2, "z": 3}}
+# Worked out by hand: users ascending, train + val + test, timestamp = row number.
+SMALL_INTER = ("user_id:token\titem_id:token\ttimestamp:float\n"
+               "0\t2\t0\n0\t3\t1\n0\t2\t2\n0\t1\t3\n"
+               "1\t1\t4\n1\t3\t5\n1\t2\t6\n")
+# Its import: tokens "2", "3", "1" first appear in this order, so they become items 1, 2, 3.
+SMALL_IMPORTED = {"train": {0: [1, 2], 1: [3]}, "val": {0: [1], 1: [2]}, "test": {0: [3], 1: [1]},
+                  "umap": {"0": 0, "1": 1}, "smap": {"2": 1, "3": 2, "1": 3}}
+
+
+def _put_dataset(folder, name, dataset):
+    (folder / name).mkdir(parents=True)
+    with open(folder / name / "dataset.pkl", "wb") as f:
+        pickle.dump(dataset, f, protocol=4)
+
+
+def _in_exported_ids(ds):
+    """train/val/test of an imported dataset, its items written as the exported tokens (old ids)."""
+    token = {v: int(k) for k, v in ds["smap"].items()}
+    return {key: {int(u): [token[x] for x in ds[key][ds["umap"][u]]] for u in ds["umap"]}
+            for key in ("train", "val", "test")}
+
+
+def test_export_writes_the_expected_inter_text(tmp_path, capsys):
+    _put_dataset(tmp_path / "data", "small", SMALL)
+    code = to_recbole.main(["small", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "rb")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    path = tmp_path / "rb" / "small" / "small.inter"
+    assert path.read_bytes() == SMALL_INTER.encode()
+    assert out == f"wrote {path}: 2 users, 3 items, 7 interactions\n"
+    assert "".join(prep.inter_lines(SMALL)) == SMALL_INTER
+
+
+def test_inter_import_round_trip(tmp_path):
+    path = tmp_path / "small.inter"
+    path.write_text("".join(prep.inter_lines(SMALL)))
+    log = prep.read_log(path)
+    assert log.info["format"] == "recbole"
+    assert log.info["columns"] == {"user": "user_id:token", "item": "item_id:token",
+                                   "time": "timestamp:float"}
+    ds, stats = prep.preprocess(log, min_count=0)
+    assert ds == SMALL_IMPORTED
+    assert _in_exported_ids(ds) == {k: SMALL[k] for k in ("train", "val", "test")}
+    assert stats["interactions"] == 7
+
+
+def test_inter_round_trip_of_amazon_beauty(tmp_path, real_data_dir):
+    path, users, items, rows = to_recbole.export("amazon_beauty", real_data_dir, tmp_path)
+    assert (users, items, rows) == (22363, 12101, 198502)
+    ds, stats = prepare_file(path, min_count=5)          # a 5-core already: nothing is removed
+    assert stats["interactions"] == rows
+    original = load_dataset("amazon_beauty", str(real_data_dir), download=False)
+    # its items are numbered by first appearance, so even the ids come back unchanged
+    assert all(ds[k] == original[k] for k in ("train", "val", "test"))
+    assert ds["smap"] == {str(i): i for i in range(1, items + 1)}
+
+
+def test_inter_columns_in_any_order_extra_columns_ignored(tmp_path):
+    path = tmp_path / "log.inter"
+    rows = ["rating:float\ttimestamp:float\treview:token_seq\titem_id:token\tuser_id:token"]
+    rows += [f"{r}\t{t}\tgood buy\t{i}\t{u}" for u, i, r, t in HAND_ROWS]
+    path.write_text("\n".join(rows) + "\n")
+    assert prep.detect_format(path.read_bytes().splitlines()[0]) == "recbole"
+    ds, _ = prepare_file(path, min_count=2, min_rating=3)
+    assert ds == HAND_EXPECTED
+    assert prep.read_log(path, fmt="recbole", need_rating=True).info["columns"]["rating"] == "rating:float"
+
+
+def test_inter_float_timestamps_and_plain_tsv_detection(tmp_path):
+    path = tmp_path / "f.inter"
+    path.write_text("user_id:token\titem_id:token\ttimestamp:float\n"
+                    "u\ta\t2.5\nu\tb\t1e0\nu\tc\t3\n")
+    ds, _ = prepare_file(path, min_count=0)
+    assert ds["smap"] == {"b": 1, "a": 2, "c": 3}
+    assert prep.detect_format(b"user_id\titem_id\ttimestamp\n") == "tsv"
+    assert prep.detect_format(b"user_id:token\titem_id\ttimestamp:float\n") == "recbole"
+
+
+NEEDS = "a RecBole .inter file needs user_id:token, item_id:token, timestamp:float"
+
+
+@pytest.mark.parametrize("text,fragments", [
+    ("user_id:token\titem_id:token\nu\ta\n",
+     ["no time column found in the header (user_id, item_id); pass --time_col", NEEDS]),
+    ("user_id:token\ttimestamp:float\nu\t1\n", ["no item column found", NEEDS]),
+    ("user_id:token\titem_id:token\ttimestamp:float\nu\ta\t1\nu\tb\tsoon\n",
+     ["line 3: cannot parse timestamp 'soon' (column 'timestamp:float'); "
+      "timestamp:float holds numbers; fix or remove that line"]),
+    ("user_id:token\titem_id:token\ttimestamp:float\nu\ta\t2020-01-01\n",
+     ["line 2: cannot parse timestamp '2020-01-01'", "holds numbers"]),
+    ("user_id:token\titem_id:token\ttimestamp:float\nu\ta\t1\nu\tb\n",
+     ["line 3: expected 3 fields, found 2"]),
+    ("user_id:token\titem_id:token\ttimestamp:token\nu\ta\t1\n",
+     ["column 'timestamp:token' is the time column, whose type must be float; "
+      "change the header to timestamp:float"]),
+    ("user_id:token\titem_id:float\ttimestamp:float\nu\t1\t1\n",
+     ["change the header to item_id:token"]),
+    ("user_id:token\titem_id\ttimestamp:float\nu\ta\t1\n",
+     ["header field 'item_id' is not name:type"]),
+])
+def test_bad_inter_input_is_one_clear_error(tmp_path, capsys, text, fragments):
+    path = tmp_path / "bad.inter"
+    path.write_text(text)
+    assert_one_line_error(run_main(capsys, path, "--name", "x", "--data_dir", tmp_path,
+                                   "--min_count", "0"), *fragments)
+    assert not (tmp_path / "x").exists()
+
+
+def run_export(capsys, *args):
+    """to_recbole.main's exit code and output, in-process (its start-up would import torch)."""
+    code = to_recbole.main(list(map(str, args)))
+    return subprocess.CompletedProcess(args, code, *capsys.readouterr())
+
+
+def test_export_errors_are_one_line(tmp_path, capsys):
+    _put_dataset(tmp_path / "data", "small", SMALL)
+    args = ["small", "--data_dir", tmp_path / "data", "--out_dir", tmp_path / "rb", "--quiet"]
+    ok = run_export(capsys, *args)
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
+    target = tmp_path / "rb" / "small" / "small.inter"
+    target.write_text("old")
+    assert_one_line_error(run_export(capsys, *args), "small.inter already exists; pass --overwrite")
+    assert target.read_text() == "old"
+    assert run_export(capsys, *args, "--overwrite").returncode == 0
+    assert target.read_text() == SMALL_INTER
+    assert_one_line_error(run_export(capsys, "nothing", "--data_dir", tmp_path),
+                          "nothing", "no download is known")
+    assert_one_line_error(run_export(capsys, "../small", "--data_dir", tmp_path / "data"),
+                          "plain directory name")
+    _put_dataset(tmp_path / "data", "broken", {**SMALL, "val": {0: [2]}})
+    assert_one_line_error(run_export(capsys, "broken", "--data_dir", tmp_path / "data"),
+                          "user ids differ between 'train' and 'val'")
+
+
+def test_recbole_config_matches_the_sasrec_defaults():
+    """datasets/recbole_sasrec.yaml sets RecBole's knobs to what main.py --model sasrec uses."""
+    import main
+    cfg = {}
+    for line in (ROOT / "datasets" / "recbole_sasrec.yaml").read_text().splitlines():
+        key, sep, value = line.split("#")[0].partition(":")
+        if sep and key.strip() and value.strip():      # its keys are unique at every level
+            cfg[key.strip()] = value.strip()
+    ours = {**vars(main.build_parser().parse_args(["--dataset", "x"])), **main.SASREC_PRESET}
+    assert {k: cfg[k] for k in ("loss_type", "order", "mode", "split")} == \
+        {"loss_type": "CE", "order": "TO", "mode": "full", "split": "{LS: valid_and_test}"}
+    pairs = {"MAX_ITEM_LIST_LENGTH": "max_len", "n_layers": "num_blocks", "n_heads": "heads",
+             "hidden_size": "hidden_size", "hidden_dropout_prob": "dropout", "attn_dropout_prob": "dropout",
+             "train_batch_size": "batch_size", "learning_rate": "lr", "weight_decay": "weight_decay",
+             "epochs": "epochs", "eval_step": "eval_interval", "stopping_step": "patience",
+             "seed": "random_seed"}
+    assert {k: float(cfg[k]) for k in pairs} == {k: float(ours[v]) for k, v in pairs.items()}
+    assert (cfg["hidden_act"], int(cfg["inner_size"])) == (ours["hidden_act"], 4 * ours["hidden_size"])
+    assert cfg["filter_inter_by_user_or_item"] == "False" and cfg["rm_dup_inter"] == "~"
+    assert cfg["data_path"] == "datasets/recbole/" == \
+        to_recbole.DEFAULT_OUT_DIR.relative_to(ROOT).as_posix() + "/"
+
+
 # ----------------------------------------------------------- generator for benchmarks
 
 _B36 = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
