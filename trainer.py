@@ -249,9 +249,10 @@ class Trainer:
         Returns (the loss stepped on, detached; this slice's share of the epoch's loss sum, float64)."""
         cfg = self.cfg
         inputs, labels = self.samples['train']
+        batch = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         # the global batch's weight in the mean: its samples (DiffuRec) or real target positions (SASRec)
-        global_size = self.module.loss_units(labels[perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]])
-        rows, weight = train_rows(perm, b, cfg.batch_size, self.rank, self.world)
+        global_size = self.module.loss_units(labels[batch])
+        rows, weight = train_rows(batch, self.rank, self.world)
         seq, label = inputs[rows].to(self.device, non_blocking=True), labels[rows].to(self.device, non_blocking=True)
         with precision_context(self.device, cfg.precision):
             _, losses, t = self.model(seq, label)
@@ -374,15 +375,14 @@ class Trainer:
                 'validations': self.history}
 
 
-def train_rows(perm, b, batch_size, rank, world):
-    """(rows, weight): the slice of global batch b of the permutation `perm` that process `rank` of `world`
-    trains on, and the weight of its loss.
+def train_rows(batch, rank, world):
+    """(rows, weight): the slice of a global batch (rows of the training samples) that process `rank` of
+    `world` trains on, and the weight of its loss.
 
     A last batch with fewer rows than processes leaves some slices empty; such a process trains on the
     batch's first row with weight 0, because DistributedDataParallel needs every process to run forward and
     backward at every step. Its gradient is then zero and the global mean is unchanged.
     """
-    batch = perm[b * batch_size:(b + 1) * batch_size]
     rows = batch.tensor_split(world)[rank]
     if len(rows) == 0:
         return batch[:1], 0.0
