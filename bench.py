@@ -13,7 +13,6 @@ median step also gives the training time of an epoch. Times are medians over the
 It also measures what bounds them on this machine: the rate of the model's matrix products in fp32 and bf16
 and of the random number generator, and the time the matrix products alone would take at those rates.
 """
-import json
 import resource
 import statistics
 import sys
@@ -24,24 +23,45 @@ import torch
 import utils
 from data import DataError, build_samples, load_dataset
 from data import sequence_samples
-from main import build_parser, check_config, set_presets
+from main import build_parser, check_config, given_flags, set_presets
 from model import DiffuRec, build_model
 from trainer import precision_context
 
 
-def parse_args(argv=None):
+# main.py's flags that make or read a run: bench.py writes no run, so given they are an error, not ignored.
+NOT_BENCHED_GROUPS = ('run', 'recommendations from a trained run')
+NOT_BENCHED = {'category_file'}
+
+
+def bench_parser():
+    """main.py's parser and the benchmark's own flags."""
     parser = build_parser()
+    parser.prog = 'bench.py'
     parser.description = 'Time DiffuRec (or SASRec) training steps and evaluation batches.'
     bench = parser.add_argument_group('benchmark')
-    bench.add_argument('--steps', type=int, default=10, help='training steps to time')
-    bench.add_argument('--eval_batches', type=int, default=2, help='evaluation batches to time')
-    bench.add_argument('--warmup', type=int, default=2, help='untimed steps (and batches) first')
-    bench.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    bench.add_argument('--steps', type=utils.positive_int, default=10, help='training steps to time')
+    bench.add_argument('--eval_batches', type=utils.positive_int, default=2, help='evaluation batches to time')
+    bench.add_argument('--warmup', type=utils.non_negative_int, default=2, help='untimed steps (and batches) first')
+    bench.add_argument('--threads', type=utils.positive_int, default=None,
+                       help='torch CPU threads (default: torch\'s)')
     bench.add_argument('--compare', action='store_true', help='also time the plain spec implementation')
     bench.add_argument('--json', default=None, metavar='PATH', help='also write the figures as JSON')
-    bench.add_argument('--profile', type=int, default=0, metavar='N',
+    bench.add_argument('--profile', type=utils.non_negative_int, default=0, metavar='N',
                        help='also profile one training step and one evaluation batch: their N costliest operators')
-    return set_presets(parser, argv).parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = bench_parser()
+    unused = NOT_BENCHED | {a.dest for g in parser._action_groups if g.title in NOT_BENCHED_GROUPS
+                            for a in g._group_actions if a.dest != 'device'}
+    cfg = set_presets(parser, argv).parse_args(argv)
+    misplaced = sorted(given_flags(parser, argv) & unused)
+    if misplaced:
+        raise ValueError(f'--{misplaced[0]} does not apply to bench.py (it times steps and writes no run); '
+                         f'drop it')
+    utils.check_not_empty(parser, cfg)
+    return cfg
 
 
 def sync(device):
@@ -196,17 +216,25 @@ def span(s):
 
 
 def main(argv=None):
+    """Exit status 0, or 2 with one error line for bad input, found before anything is timed."""
     utils.keep_freed_memory()  # as main.py does
-    cfg = parse_args(argv)
     try:
+        cfg = parse_args(argv)
         check_config(cfg)
         if cfg.model == 'sasrec' and cfg.compare:
             raise ValueError('--compare times the plain implementation of DiffuRec; drop it with --model sasrec')
+        if cfg.json is not None:  # its folder is made and proven writable before the minutes of timing
+            utils.writable_file(cfg.json, '--json')
         device = utils.choose_device(cfg.device)
         data = load_dataset(cfg.dataset, cfg.data_dir)
     except (ValueError, DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    return bench(cfg, device, data)
+
+
+def bench(cfg, device, data):
+    """The benchmark of a checked config on loaded data: prints the tables, writes --json; returns 0."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     utils.set_seed(cfg.random_seed)
@@ -272,8 +300,7 @@ def main(argv=None):
         print(f'speed-up over the plain implementation: training x{report["speedup"]["train"]}, '
               f'evaluation x{report["speedup"]["eval"]}')
     if cfg.json:
-        with open(cfg.json, 'w') as f:
-            json.dump(report, f, indent=2)
+        utils.write_json(report, cfg.json)
     return 0
 
 

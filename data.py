@@ -72,12 +72,34 @@ def _one_line(text):
     return ' '.join(str(text).split())
 
 
-def check_name(name):
-    """Reject dataset names that would escape ``data_dir`` (e.g. '../x')."""
+def check_name(name, flag='--dataset'):
+    """Reject dataset names that would escape ``data_dir`` (e.g. '../x'); flag: the flag that gave it."""
     if (not isinstance(name, str) or not name or name.startswith('.')
             or '/' in name or '\\' in name or os.sep in name):
-        raise DataError(f"invalid dataset name {name!r}: use a plain directory name such as "
+        raise DataError(f"invalid dataset name {name!r} ({flag}): use a plain directory name such as "
                         f"'amazon_beauty' (known: {', '.join(DATASETS)}, synthetic)")
+
+
+def check_downloadable(name, dest_path):
+    """A missing dataset file is an error before any work unless a download of it is known."""
+    if name not in DATASETS:
+        raise DataError(f"{dest_path}: file is missing and no download is known for dataset "
+                        f"{name!r} (downloadable: {', '.join(DATASETS)}); put a dataset.pkl "
+                        f"there yourself, e.g. one made by datasets/prepare.py, or fix --dataset "
+                        f"or --data_dir (see datasets/README.md)")
+
+
+def check_available(name, data_dir):
+    """What load_dataset(name, data_dir) needs, checked before any work: a valid name, and its dataset.pkl
+    in the folder data_dir, or a known download of it. DataError (one line) otherwise."""
+    if name == 'synthetic':
+        return
+    check_name(name)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir} is a file; give the folder holding <dataset>/dataset.pkl")
+    path = os.path.join(data_dir, name, 'dataset.pkl')
+    if not os.path.isfile(path):
+        check_downloadable(name, os.path.abspath(path))
 
 
 def dataset_url(name):
@@ -115,11 +137,7 @@ def download_dataset(name, dest_path, url=None, timeout=30):
     a file that a later run would trust.  Raises DataError on any failure.
     """
     dest_path = os.path.abspath(dest_path)
-    if name not in DATASETS:
-        raise DataError(f"{dest_path}: file is missing and no download is known for dataset "
-                        f"{name!r} (downloadable: {', '.join(DATASETS)}); put a dataset.pkl "
-                        f"there yourself, e.g. one made by datasets/prepare.py "
-                        f"(see datasets/README.md)")
+    check_downloadable(name, dest_path)
     url = url or dataset_url(name)
     expected = DATASETS[name]
     manual = (f"without network access, download {url} elsewhere and place it at "

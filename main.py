@@ -11,7 +11,6 @@ import hashlib
 import math
 import os
 import platform
-import re
 import sys
 import time
 import warnings
@@ -20,39 +19,24 @@ import torch
 
 import utils
 from board import require_tensorboard
-from data import (DEFAULT_DATA_DIR, DataError, build_samples, group_users, histories, load_dataset,
-                  load_item_categories, samples_checksum, sequence_samples)
+from data import (DEFAULT_DATA_DIR, DataError, build_samples, check_available, group_users, histories,
+                  load_dataset, load_item_categories, samples_checksum, sequence_samples)
 from metrics import diversity_metrics, metric_names, metrics_table
 from model import MODELS, build_model
 from plots import plot_curves
 from recommend import recommend
 from stopping import RunStopped, TimeBudget, TimeUp
-from trainer import Trainer, load_checkpoint
+from trainer import Trainer, check_run_dir, load_checkpoint
+from utils import duration, finite_float, positive_int
 
 METRIC_CHOICES = ('batch', 'user')
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
-    return value
-
-
-def duration(text):
-    """--time_limit: seconds, or a number with suffix s, m or h ('90', '90s', '9m', '1.5h') -> seconds."""
-    match = re.fullmatch(r'(\d+\.?\d*|\.\d+)([smh]?)', text.strip())
-    seconds = float(match[1]) * {'': 1, 's': 1, 'm': 60, 'h': 3600}[match[2]] if match else 0.0
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f'expected a positive number of seconds, or one with suffix s, m or h '
-                                         f'(90, 90s, 9m, 1.5h), got {text!r}')
-    return seconds
-
-
 def build_parser():
-    p = argparse.ArgumentParser(description='DiffuRec (Li, Sun, Li, TOIS 2024): a diffusion model for sequential '
-                                            'recommendation. Defaults reproduce the authors\' code.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.ArgumentParser(prog='main.py',
+                             description='DiffuRec (Li, Sun, Li, TOIS 2024): a diffusion model for sequential '
+                                         'recommendation. Defaults reproduce the authors\' code.',
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     B = argparse.BooleanOptionalAction
     data = p.add_argument_group('data')
     data.add_argument('--dataset', default='amazon_beauty',
@@ -67,8 +51,9 @@ def build_parser():
     model.add_argument('--hidden_size', type=positive_int, default=128, help='embedding size d')
     model.add_argument('--heads', type=positive_int, default=4, help='attention heads (the reference fixes 4)')
     model.add_argument('--num_blocks', type=positive_int, default=4, help='transformer blocks of the Approximator')
-    model.add_argument('--dropout', type=float, default=0.1, help='dropout inside the Approximator')
-    model.add_argument('--emb_dropout', type=float, default=0.3, help='dropout on the item embeddings of the history')
+    model.add_argument('--dropout', type=finite_float, default=0.1, help='dropout inside the Approximator')
+    model.add_argument('--emb_dropout', type=finite_float, default=0.3,
+                       help='dropout on the item embeddings of the history')
     model.add_argument('--hidden_act', default='gelu', choices=['gelu', 'relu'],
                        help='feed-forward activation (gelu is the tanh approximation, as in the reference)')
     model.add_argument('--diffusion_steps', type=positive_int, default=32, help='diffusion steps T')
@@ -76,7 +61,7 @@ def build_parser():
                        choices=['trunc_lin', 'linear', 'pw_lin', 'cosine', 'sqrt', 'trunc_cos'], help='beta schedule')
     model.add_argument('--schedule_sampler_name', default='lossaware', choices=['lossaware', 'uniform', 'fixstep'],
                        help='timestep sampler for training')
-    model.add_argument('--lambda_uncertainty', type=float, default=0.001,
+    model.add_argument('--lambda_uncertainty', type=finite_float, default=0.001,
                        help='mean and std of the uncertainty weight lambda ~ N(delta, delta^2)')
     model.add_argument('--rescale_timesteps', action=B, default=True, help='feed t * 1000 / T to the time embedding')
     model.add_argument('--attention_mask', default='query', choices=['query', 'key', 'causal'],
@@ -94,16 +79,16 @@ def build_parser():
     train.add_argument('--epochs', type=positive_int, default=500, help='maximum number of epochs')
     train.add_argument('--batch_size', type=positive_int, default=512, help='batch size (global, all processes)')
     train.add_argument('--optimizer', default='Adam', choices=['Adam', 'SGD', 'adam', 'sgd'], help='optimizer')
-    train.add_argument('--lr', type=float, default=0.001, help='learning rate')
-    train.add_argument('--weight_decay', type=float, default=0.0, help='weight decay')
-    train.add_argument('--momentum', type=float, default=None, help='SGD momentum (None = 0)')
+    train.add_argument('--lr', type=finite_float, default=0.001, help='learning rate')
+    train.add_argument('--weight_decay', type=finite_float, default=0.0, help='weight decay')
+    train.add_argument('--momentum', type=finite_float, default=None, help='SGD momentum (None = 0)')
     train.add_argument('--decay_step', type=positive_int, default=100, help='StepLR period in epochs')
-    train.add_argument('--gamma', type=float, default=0.1, help='StepLR factor')
-    train.add_argument('--loss_lambda', type=float, default=0.001,
+    train.add_argument('--gamma', type=finite_float, default=0.1, help='StepLR factor')
+    train.add_argument('--loss_lambda', type=finite_float, default=0.001,
                        help='kept for compatibility: the reference objective never uses it')
     train.add_argument('--update_lossaware', action='store_true',
                        help='feed per-sample losses to the lossaware sampler (the reference never does)')
-    train.add_argument('--random_seed', type=int, default=1997, help='seed of every generator')
+    train.add_argument('--random_seed', type=utils.seed, default=1997, help='seed of every generator')
     train.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
                        help='bf16: training under autocast, evaluation with a bf16 copy of the approximator')
     train.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA)')
@@ -150,7 +135,7 @@ def build_parser():
     run.add_argument('--tensorboard', default=None, metavar='DIR',
                      help='also log the training loss, learning rate and validation metrics per epoch for '
                           'TensorBoard in DIR (needs the tensorboard package)')
-    run.add_argument('--seeds', type=int, nargs='+', default=None, metavar='S',
+    run.add_argument('--seeds', type=utils.seed, nargs='+', default=None, metavar='S',
                      help='one run per seed in <out_dir>/seed_<S>/, then mean +- std in <out_dir>/aggregate.json')
 
     rec = p.add_argument_group('recommendations from a trained run')
@@ -223,6 +208,10 @@ def parse_config(argv=None):
     parser = set_presets(build_parser(), argv)
     cfg = normalise(parser.parse_args(argv))
     given = given_flags(parser, argv)
+    utils.check_not_empty(parser, cfg, EMPTY_MEANS)
+    misplaced = sorted(RECOMMEND_ONLY & given) if not cfg.recommend else []
+    if misplaced:
+        raise ValueError(f'--{misplaced[0]} is for --recommend RUN_DIR; add --recommend or drop --{misplaced[0]}')
     if cfg.strict:
         check_strict(cfg, given)
     if cfg.resume:
@@ -270,6 +259,10 @@ def check_strict(cfg, given):
 
 # How a run samples: --recommend takes the run's values for these unless they are given.
 RECOMMEND_FROM_RUN = {'sample_steps', 'precision'}
+# Flags that only --recommend reads; without it they are an error, not silently ignored.
+RECOMMEND_ONLY = {'topk', 'out'}
+# Text flags for which "" means something: no log copy; an empty description.
+EMPTY_MEANS = {'log_file', 'description'}
 
 
 def given_flags(parser, argv):
@@ -286,6 +279,12 @@ RESUME_MAY_CHANGE = {'resume', 'device', 'num_gpu', 'data_dir', 'log_file', 'des
 
 def resumed_config(cfg, given):
     """The config saved in cfg.resume's checkpoint; a given flag that would change it is refused by name."""
+    results = os.path.join(cfg.resume, 'results.json')
+    finished = ValueError(f'--resume {cfg.resume}: the run has finished, its results are in {results}; '
+                          f'start a new run with another --out_dir to train again')
+    if os.path.isfile(results) and not os.path.isfile(os.path.join(cfg.resume, 'checkpoint.pt')):
+        raise finished  # no validation ran, so no checkpoint was written
+    check_run_dir(cfg.resume, '--resume')
     state = load_checkpoint(os.path.join(cfg.resume, 'checkpoint.pt'))
     # runs from before --model: DiffuRec; from before --tensorboard: none
     saved = argparse.Namespace(**{'model': 'diffurec', 'tensorboard': None, **state['config']})
@@ -295,6 +294,8 @@ def resumed_config(cfg, given):
         raise ValueError(f'--resume {cfg.resume}: the run was made with ' + ', '.join(
             f'{name}={getattr(saved, name, None)!r} (given {getattr(cfg, name)!r})' for name in differ)
             + '; resume with its own flags or start a new run')
+    if os.path.isfile(results):  # after the comparison: a flag given against the run is the more useful line
+        raise finished
     for name in given & RESUME_MAY_CHANGE:
         setattr(saved, name, getattr(cfg, name))
     saved.time_limit = cfg.time_limit  # a budget belongs to one invocation: never inherited from the run
@@ -302,27 +303,53 @@ def resumed_config(cfg, given):
     return saved
 
 
+def check_out_dir(cfg):
+    """A given --out_dir that holds a run already is refused, unless that run is resumed."""
+    if cfg.out_dir and not cfg.resume and os.path.exists(os.path.join(cfg.out_dir, 'checkpoint.pt')):
+        raise ValueError(f'--out_dir {cfg.out_dir} holds a run already; continue it with --resume {cfg.out_dir} '
+                         f'or choose another --out_dir')
+
+
 def make_run_dir(cfg):
-    if cfg.out_dir:
-        path = cfg.out_dir
-        if not cfg.resume and os.path.exists(os.path.join(path, 'checkpoint.pt')):
-            raise ValueError(f'--out_dir {path} holds a run already; continue it with --resume {path} '
-                             f'or choose another --out_dir')
-    else:
+    check_out_dir(cfg)
+    path = cfg.out_dir
+    if not path:
         stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
         path = os.path.join('runs', cfg.dataset, stamp)
         suffix = 1
         while os.path.exists(path):
             path, suffix = os.path.join('runs', cfg.dataset, f'{stamp}-{suffix}'), suffix + 1
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, '.write_test')
-        with open(probe, 'w'):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f'cannot write the run directory {path} ({e.strerror}); choose another --out_dir') from None
-    return path
+    return utils.writable_dir(path, '--out_dir')
+
+
+def check_start(cfg):
+    """Everything about a config that can be checked before any work (data loading, training): check_config,
+    the torchrun and device flags, the dataset's name and file, the files read (opened) and the folders written
+    (proven writable, and left as they were), so that no run loses its work to a bad path at its end.
+    Raises ValueError or DataError with one line naming the flag and the fix."""
+    check_config(cfg)
+    rank, world, _ = utils.torchrun_env()
+    keep = world > 1  # the processes check the same folders at once: none may remove what another probes
+    if cfg.num_gpu > 1 and world == 1:  # under torchrun --num_gpu is ignored: torchrun sets the processes
+        raise ValueError(f'--num_gpu {cfg.num_gpu}: several GPUs run through torchrun, e.g. '
+                         f'torchrun --nproc_per_node {cfg.num_gpu} main.py ... (see docs/long-runs.md)')
+    if world > 1:
+        check_world(cfg, world)
+    utils.check_device(cfg.device)
+    if cfg.category_file is not None:
+        utils.readable_file(cfg.category_file, '--category_file')
+    if cfg.tensorboard is not None:
+        require_tensorboard()  # its absence is an error before any work
+        utils.writable_dir(cfg.tensorboard, '--tensorboard', create=keep)
+    if cfg.recommend:  # reads the run's own dataset; writes one file
+        check_run_dir(cfg.recommend, '--recommend')
+        utils.writable_file(cfg.out or os.path.join(cfg.recommend, 'recommendations.csv'), '--out', create=keep)
+        return
+    check_available(cfg.dataset, cfg.data_dir)
+    if cfg.log_file:
+        utils.writable_dir(cfg.log_file, '--log_file', create=keep)
+    check_out_dir(cfg)
+    utils.writable_dir(cfg.out_dir or os.path.join('runs', cfg.dataset), '--out_dir', create=keep)
 
 
 def check_world(cfg, world):
@@ -368,17 +395,10 @@ def run(cfg, clock=time.monotonic):
     """One experiment from a parsed config: returns the results dict (also written to results.json).
     clock: what --time_limit is counted on."""
     budget = TimeBudget(cfg.time_limit, clock) if cfg.time_limit else None  # counted from here: data loading included
-    check_config(cfg)
-    if cfg.tensorboard:
-        require_tensorboard()  # its absence is an error before any work
+    check_start(cfg)
     if cfg.loss_lambda != 0.001:
         warnings.warn('--loss_lambda has no effect: the reference objective never uses it', stacklevel=1)
     rank, world, local_rank = utils.torchrun_env()
-    if cfg.num_gpu > 1 and world == 1:  # under torchrun --num_gpu is ignored: torchrun sets the processes
-        raise ValueError(f'--num_gpu {cfg.num_gpu}: several GPUs run through torchrun, e.g. '
-                         f'torchrun --nproc_per_node {cfg.num_gpu} main.py ... (see docs/long-runs.md)')
-    if world > 1:
-        check_world(cfg, world)
     device = utils.choose_device(cfg.device, local_rank)
     if world > 1:
         utils.init_distributed(device, rank, world)
@@ -399,7 +419,7 @@ def run(cfg, clock=time.monotonic):
     log_paths = [os.path.join(run_dir, 'log.txt')]
     if cfg.log_file:
         if rank == 0:
-            os.makedirs(cfg.log_file, exist_ok=True)
+            utils.writable_dir(cfg.log_file, '--log_file')
         log_paths.append(os.path.join(cfg.log_file, log_copy_name(cfg.dataset, run_dir)))
     log = utils.RunLog(log_paths, enabled=rank == 0)  # only rank 0 prints and writes files
     if rank == 0:
@@ -558,7 +578,9 @@ def main(argv=None, clock=time.monotonic):
     utils.keep_freed_memory()
     together = False  # whether every process ends at the same point (not after an error of one of them)
     try:
-        run_command(parse_config(argv), clock)
+        cfg = parse_config(argv)
+        check_start(cfg)  # before any work: each run of --seeds checks its own folders again
+        run_command(cfg, clock)
         together = True
     except (ValueError, DataError) as e:
         print(f'error: {e}', file=sys.stderr)

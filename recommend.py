@@ -16,7 +16,7 @@ import utils
 from data import DataError, build_samples, full_history_inputs, histories, load_dataset, samples_checksum
 from metrics import score_batches
 from model import build_model
-from trainer import load_checkpoint
+from trainer import check_run_dir, load_checkpoint
 
 CSV_FIELDS = ('user', 'rank', 'item', 'score')
 
@@ -28,8 +28,7 @@ def load_run(run_dir):
     is the checkpoint's 'config', else the run's config.json. Raises ValueError (one line) when the
     directory, the checkpoint or its contents are missing or unusable.
     """
-    if not os.path.isdir(run_dir):
-        raise ValueError(f'--recommend {run_dir}: no such run directory')
+    check_run_dir(run_dir, '--recommend')
     checkpoint = load_checkpoint(os.path.join(run_dir, 'checkpoint.pt'))
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'n_items' not in checkpoint:
         raise ValueError(f'{run_dir}/checkpoint.pt is not a checkpoint of this project (no model or n_items)')
@@ -127,6 +126,7 @@ def recommend(cfg, default_data_dir):
     device = utils.choose_device(cfg.device)
     utils.set_seed(cfg.random_seed)
     inputs = full_history_inputs(data, config['max_len'])
+    utils.writable_file(out, '--out')  # its folder, made before the minutes of scoring
     print(f'recommending with {"all" if sample_steps is None else sample_steps} sampling steps, {precision}')
     items, scores = top_items(model.to(device), inputs, histories(data, 'all'), cfg.topk, cfg.batch_size, device,
                               exclude_history=cfg.exclude_history, precision=precision, sample_steps=sample_steps)

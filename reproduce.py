@@ -30,6 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import main as main_py
 import utils
 from plots import plot_reproduction
+from data import DataError, check_available
 from trainer import load_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -55,20 +56,13 @@ PROGRESS_BAR = re.compile(r'\d+%\|')  # tqdm's lines on stderr, left out of the 
 PAUSED = 3  # main.py's status for "time limit reached, checkpoint written, resumable"
 
 
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors raise ValueError, so that main() prints one line."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 def build_parser():
-    p = Parser(description='Run DiffuRec on the paper\'s datasets and seeds and compare with the paper\'s Table 2. '
+    p = utils.ArgumentParser(prog='reproduce.py', description='Run DiffuRec on the paper\'s datasets and seeds and compare with the paper\'s Table 2. '
                            'Every flag not listed here is passed to main.py (python main.py --help).',
                allow_abbrev=False)  # a prefix such as --seed must reach main.py, not become --seeds
     p.add_argument('--datasets', nargs='+', default=None, metavar='D',
                    help=f'datasets (default {" ".join(DEFAULT_DATASETS)}, or the first call\'s)')
-    p.add_argument('--seeds', type=int, nargs='+', default=None, metavar='S',
+    p.add_argument('--seeds', type=utils.seed, nargs='+', default=None, metavar='S',
                    help=f'seeds (default {" ".join(map(str, DEFAULT_SEEDS))}, or the first call\'s)')
     p.add_argument('--out', default='runs/reproduce', help='folder of the runs and the report')
     p.add_argument('--time_limit', type=main_py.duration, default=None, metavar='T',
@@ -101,9 +95,15 @@ def check_main_flags(flags):
 
 
 def check_configs(flags, datasets):
-    """main.py's own checks of the flags, for each dataset (its presets differ), before any run starts."""
+    """main.py's own checks of the flags, for each dataset (its presets differ), and that the dataset is there
+    (or downloadable), before any run starts."""
     for dataset in datasets:
-        main_py.check_config(main_py.parse_config(['--dataset', dataset] + flags))
+        cfg = main_py.parse_config(['--dataset', dataset] + flags)
+        main_py.check_config(cfg)
+        try:
+            check_available(dataset, cfg.data_dir)
+        except DataError as e:
+            raise ValueError(f'--datasets {dataset}: {e}') from None
 
 
 def differing_flags(first, now):
@@ -470,7 +470,9 @@ def write_report(out):
 # ----------------------------------------------------------------------------------------------------------
 
 def reproduce(argv, runner):
-    args, flags = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, flags = parser.parse_known_args(argv)
+    utils.check_not_empty(parser, args)
     out = os.path.abspath(args.out)
     if args.report:
         extra = flags + [f'--{n}' for n in ('datasets', 'seeds', 'time_limit') if getattr(args, n) is not None]
@@ -481,8 +483,8 @@ def reproduce(argv, runner):
     check_main_flags(flags)
     state, existing = load_state(out, args, flags)
     check_configs(flags, state['datasets'])
+    utils.writable_dir(out, '--out')  # before any run: a bad --out must not surface at the report
     if not existing:
-        os.makedirs(out, exist_ok=True)
         utils.write_json(state, os.path.join(out, STATE_FILE))
     smoke = is_smoke(flags)
     todo = [(d, s) for d in state['datasets'] for s in state['seeds']

@@ -24,6 +24,16 @@ from stopping import CHECK_EVERY, RunStopped, Stopper
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
+def check_run_dir(run_dir, flag):
+    """The folder given to `flag` (--resume, --recommend), checked before any work: a folder holding a checkpoint.
+    ValueError (one line naming the flag) otherwise."""
+    if not os.path.isdir(run_dir):
+        raise ValueError(f'{flag} {run_dir}: no such run directory; pass the folder of a run (its --out_dir)')
+    if not os.path.isfile(os.path.join(run_dir, 'checkpoint.pt')):
+        raise ValueError(f'{flag} {run_dir}: no checkpoint.pt there; pass the folder of a run that validated '
+                         f'or was interrupted')
+
+
 def load_checkpoint(path):
     """Load a checkpoint with weights_only=True; a missing or corrupt file raises ValueError (one line)."""
     if not os.path.isfile(path):

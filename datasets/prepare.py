@@ -75,7 +75,8 @@ import numpy as np
 # This script runs from datasets/; the project's modules live one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import DEFAULT_DATA_DIR as _DATA_DIR, DataError, check_name  # noqa: E402
-from utils import write_atomic  # noqa: E402
+from utils import (ArgumentParser, check_not_empty, finite_float, non_negative_int, readable_file,  # noqa: E402
+                   writable_dir, write_atomic)
 
 DEFAULT_DATA_DIR = Path(_DATA_DIR)
 FORMATS = ("auto", "csv", "tsv", "recbole", "amazon", "movielens")
@@ -472,9 +473,9 @@ def _check_encoding(encoding: str) -> None:
     try:
         ok = "a,:\t\n\"".encode(codecs.lookup(encoding).name) == b"a,:\t\n\""
     except LookupError:
-        raise DataError(f"unknown encoding {encoding!r}") from None
+        raise DataError(f"unknown --encoding {encoding!r}; use one Python knows, e.g. utf-8 or latin-1") from None
     if not ok:
-        raise DataError(f"encoding {encoding!r} is not ASCII-compatible")
+        raise DataError(f"--encoding {encoding!r} is not ASCII-compatible; use e.g. utf-8 or latin-1")
 
 
 def _read_stream(path, raw, stream, fmt, cols, need_rating, encoding, progress, block_size):
@@ -635,7 +636,7 @@ def preprocess(log: Log, min_count: int = 5, min_rating: Optional[float] = None,
         rating = f"min_rating={min_rating}, " if min_rating is not None else ""
         raise DataError(f"no interactions left after filtering ({rating}"
                            f"min_count={min_count}, users need >= {MIN_SEQ_LEN} items); "
-                           f"try a lower --min_count")
+                           f"try a lower --min_count" + (" or --min_rating" if rating else ""))
     progress.say(f"filtered: {len(u):,} interactions left")
 
     dataset, lengths = _renumber_and_split(u, i, log.user_tokens, log.item_tokens)
@@ -757,11 +758,14 @@ def prepare(input_path, name: str, data_dir=None, fmt: str = "auto", user_col=No
             min_count: int = 5, overwrite: bool = False, encoding: str = "utf-8",
             verbose: bool = False):
     """Read, preprocess and write in one call.  Returns (out_dir, stats)."""
-    check_name(name)  # the rule main.py applies to --dataset
+    check_name(name, "--name")  # the rule main.py applies to --dataset
+    _check_encoding(encoding)
+    readable_file(str(input_path), "input")
     out_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     out_dir = out_dir / name
     # Check before the (possibly long) read, and again when writing.
     _check_free([out_dir / "dataset.pkl", out_dir / "stats.json"], overwrite)
+    writable_dir(str(out_dir), "--data_dir", create=False)
     _Progress.t0 = time.perf_counter()
     log = read_log(input_path, fmt, user_col, item_col, time_col, rating_col,
                    need_rating=min_rating is not None, encoding=encoding, verbose=verbose)
@@ -776,8 +780,8 @@ def prepare(input_path, name: str, data_dir=None, fmt: str = "auto", user_col=No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Convert an interaction log into datasets/data/NAME/dataset.pkl "
+    p = ArgumentParser(
+        prog="prepare.py", description="Convert an interaction log into datasets/data/NAME/dataset.pkl "
                     "for DiffuRec (k-core filtering, time order, leave-one-out split).")
     p.add_argument("input", help="interaction log (CSV/TSV/RecBole .inter/Amazon/MovieLens, "
                    "may be gzipped)")
@@ -789,9 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item_col", help="CSV/TSV: item column (default: item_id, item, ...)")
     p.add_argument("--time_col", help="CSV/TSV: timestamp column (default: timestamp, ...)")
     p.add_argument("--rating_col", help="CSV/TSV: rating column (default: rating, ...)")
-    p.add_argument("--min_rating", type=float,
+    p.add_argument("--min_rating", type=finite_float,
                    help="keep only rows with rating >= this (default: keep all)")
-    p.add_argument("--min_count", type=int, default=5,
+    p.add_argument("--min_count", type=non_negative_int, default=5,
                    help="k-core threshold for users and items (default 5, 0 = off)")
     p.add_argument("--data_dir", "--out_dir", dest="data_dir", default=None,
                    help="parent folder of the output (default: datasets/data "
@@ -809,7 +813,7 @@ def one_line_errors(body: Callable[[], int]) -> int:
     """
     try:
         return body()
-    except DataError as e:
+    except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:          # e.g. output folder not writable, disk full
@@ -822,11 +826,12 @@ def one_line_errors(body: Callable[[], int]) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return one_line_errors(lambda: _run(args))
+    parser = build_parser()
+    return one_line_errors(lambda: _run(parser, parser.parse_args(argv)))
 
 
-def _run(args) -> int:
+def _run(parser, args) -> int:
+    check_not_empty(parser, args)
     out_dir, stats = prepare(
         args.input, args.name, args.data_dir, args.fmt, args.user_col, args.item_col,
         args.time_col, args.rating_col, args.min_rating, args.min_count,

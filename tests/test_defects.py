@@ -46,6 +46,7 @@ def test_resume_compares_normalised_flags(tmp_path):
     with open(f'{run_dir}/config.json') as f:
         stored = json.load(f)
     assert (stored['optimizer'], stored['metric_ks']) == ('Adam', [5, 10])  # stored canonical
+    os.remove(f'{run_dir}/results.json')  # resumable again, as if stopped after its last validation
     for flags in (['--optimizer', 'Adam'], ['--optimizer', 'adam'], ['--metric_ks', '5', '10'],
                   ['--metric_ks', '10', '5', '5']):
         cfg = main.parse_config(['--resume', run_dir] + flags)

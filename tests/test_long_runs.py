@@ -125,6 +125,7 @@ def test_resume_refuses_another_config_or_dataset_and_bad_checkpoints(tmp_path, 
     assert err.count('\n') == 0 and 'hidden_size=16' in err and 'lr=0.001' in err
     assert main.main(quick + ['--out_dir', run_dir]) == 2  # a new run may not overwrite it
     assert '--resume' in capsys.readouterr().err
+    os.remove(os.path.join(run_dir, 'results.json'))  # as a run stopped before its end: a checkpoint, no results
     write_data(seed=3)  # same name, other content
     assert main.main(['--resume', run_dir]) == 2
     assert 'other data' in capsys.readouterr().err
@@ -134,7 +135,7 @@ def test_resume_refuses_another_config_or_dataset_and_bad_checkpoints(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: checkpoint') and 'corrupt' in err and '\n' not in err
     assert main.main(['--resume', str(tmp_path / 'nowhere')]) == 2
-    assert 'no checkpoint' in capsys.readouterr().err
+    assert 'no such run directory' in capsys.readouterr().err
 
 
 FLAG_VALUES = {
