@@ -325,16 +325,20 @@ ACTIVATIONS = {'gelu': gelu, 'relu': F.relu}
 
 
 @functools.lru_cache(maxsize=None)
-def onednn_linear_works():
+def onednn_linear_works(dtype=torch.float32):
     """Whether torch.ops.mkldnn._linear_pointwise, the fused CPU kernel that torch.compile emits, is there and
-    agrees with F.linear. It is internal to torch, so it is checked once rather than trusted (on numbers from a
-    generator of its own: drawing from the global one would shift every later draw of the run)."""
+    agrees with F.linear in `dtype`. It is internal to torch, so it is checked once per dtype rather than trusted
+    (on numbers from a generator of its own: drawing from the global one would shift every later draw of the
+    run). In bf16 oneDNN has no such kernel on a CPU without native bf16 instructions (AVX2 only, say)."""
     try:
         g = torch.Generator().manual_seed(0)
         x, w, b = torch.randn(3, 5, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
         with torch.inference_mode():
             got = torch.ops.mkldnn._linear_pointwise(x, w, b, 'gelu', [], 'tanh')
-        return bool(torch.allclose(got, F.gelu(F.linear(x, w, b), approximate='tanh'), atol=1e-5))
+        tol = 1e-5 if dtype == torch.float32 else 5e-2  # bf16 keeps 8 bits of mantissa
+        want = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate='tanh')
+        return bool(torch.allclose(got.float(), want, atol=tol, rtol=tol))
     except (AttributeError, RuntimeError):
         return False
 
@@ -356,7 +360,7 @@ def linear(layer, x, activation=None, residual=None):
     the measured saving). Elsewhere, and under torch.compile, plain layers.
     """
     if (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
-            and not compiling() and onednn_linear_works()):
+            and not compiling() and onednn_linear_works(x.dtype)):
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, 'add')
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, activation or 'none', [],

@@ -400,6 +400,9 @@ def run(cfg, clock=time.monotonic):
         warnings.warn('--loss_lambda has no effect: the reference objective never uses it', stacklevel=1)
     rank, world, local_rank = utils.torchrun_env()
     device = utils.choose_device(cfg.device, local_rank)
+    if cfg.precision == 'bf16' and utils.bf16_is_emulated(device):
+        warnings.warn('--precision bf16: this CPU has no native bf16 instructions (AVX-512 BF16 or AMX), so its '
+                      'bf16 products are emulated and slower than fp32; use --precision fp32 here', stacklevel=1)
     if world > 1:
         utils.init_distributed(device, rank, world)
     utils.set_seed(cfg.random_seed)

@@ -120,6 +120,15 @@ def choose_device(name='auto', local_rank=0):
     return torch.device(name)
 
 
+def bf16_is_emulated(device):
+    """Whether bf16 matrix products on `device` lack native instructions: a CPU without AVX-512 BF16 or AMX,
+    where oneDNN converts to float32 on the fly and --precision bf16 runs many times slower than fp32."""
+    if device.type != 'cpu':
+        return False
+    supported = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
+    return supported is not None and not supported()
+
+
 def config_dict(cfg):
     """A JSON-able copy of a config namespace (or dict)."""
     items = cfg.items() if isinstance(cfg, dict) else vars(cfg).items()

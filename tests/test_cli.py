@@ -156,6 +156,23 @@ def test_reference_defaults_are_kept():
         main.parse_config(['--long_head', 'False'])
 
 
+@pytest.mark.parametrize('emulated', [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, monkeypatch, emulated):
+    """On a CPU whose bf16 products are emulated (no AVX-512 BF16 or AMX) --precision bf16 runs, with a
+    warning that names the CPU's lack and the fix; where they are native, no warning."""
+    import warnings
+    import utils
+    monkeypatch.setattr(utils, 'bf16_is_emulated', lambda device: emulated)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert main.main(['--dataset', 'synthetic', '--epochs', '1', '--limit_train_batches', '2',
+                          '--limit_eval_batches', '1', '--precision', 'bf16', '--out_dir', str(tmp_path / 'run')]
+                         + TINY) == 0
+    said = [str(w.message) for w in caught if 'no native bf16' in str(w.message)]
+    assert len(said) == (1 if emulated else 0), said
+    assert all('use --precision fp32' in line for line in said)
+
+
 def test_bf16_run_reaches_fp32_metrics_within_noise(tmp_path):
     """A short bf16 run (autocast training, bf16 approximator when sampling) learns as well as fp32."""
     results_by = {}

@@ -97,6 +97,22 @@ def test_compiled_evaluation_equals_eager():
         compiled = torch.compile(model.approximator)(h, x_t, ts, m, lam=lam)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
+@pytest.mark.parametrize('activation', [None, 'gelu', 'relu'])
+def test_bf16_inference_products_equal_the_layer_in_bf16(activation):
+    """diffurec.linear in bf16 inference: oneDNN's fused product where the CPU has one in bf16, the plain layer
+    where it has none (a CPU without native bf16, on which the fused op raises); either way the layer's value."""
+    from diffurec import ACTIVATIONS, linear
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 24).to(torch.bfloat16)
+    x = torch.randn(3, 5, 16).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = linear(layer, x, activation)
+    want = layer(x).float()
+    want = ACTIVATIONS[activation](want) if activation else want
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+
+
 def test_fused_kernel_check_leaves_the_global_generator_alone():
     """The one-time check runs whenever a process first evaluates: drawing from the global generator there
     would make a resumed run draw differently from an uninterrupted one."""
