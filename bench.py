@@ -23,7 +23,7 @@ import torch
 import utils
 from data import DataError, build_samples, load_dataset
 from data import sequence_samples
-from main import build_parser, check_config, given_flags, set_presets
+from config import build_parser, check_config, given_flags, set_presets
 from model import DiffuRec, build_model
 from trainer import precision_context
 

@@ -13,6 +13,7 @@ import os
 import torch
 
 import utils
+from config import check_sample_steps
 from data import DataError, build_samples, full_history_inputs, histories, load_dataset, samples_checksum
 from metrics import score_batches
 from model import build_model
@@ -119,9 +120,7 @@ def recommend(cfg, default_data_dir):
         if config.get('model', 'diffurec') != 'diffurec':
             raise ValueError(f'--sample_steps configures DiffuRec\'s sampling; the run in {run_dir} is '
                              f'{config["model"]}: drop it')
-        if not 1 <= sample_steps <= config['diffusion_steps']:
-            raise ValueError(f'--sample_steps must lie in [1, {config["diffusion_steps"]}] (the run\'s '
-                             f'--diffusion_steps), got {sample_steps}')
+        check_sample_steps(sample_steps, config['diffusion_steps'], source="the run's --diffusion_steps")
     out = cfg.out or os.path.join(run_dir, 'recommendations.csv')
     device = utils.choose_device(cfg.device)
     utils.set_seed(cfg.random_seed)

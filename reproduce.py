@@ -27,10 +27,12 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-import main as main_py
+import config
 import utils
+from aggregate import aggregate_results
 from plots import plot_reproduction
-from data import DataError, check_available
+from data import DataError, check_available, check_name
+from stopping import PAUSED
 from trainer import load_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +55,6 @@ OWN_MAIN_FLAGS = ('dataset', 'random_seed', 'out_dir', 'log_file', 'resume', 'se
 MIN_PIECE_SECONDS = 10
 STDERR_TAIL = 8
 PROGRESS_BAR = re.compile(r'\d+%\|')  # tqdm's lines on stderr, left out of the lines shown on failure
-PAUSED = 3  # main.py's status for "time limit reached, checkpoint written, resumable"
 
 
 def build_parser():
@@ -65,9 +66,9 @@ def build_parser():
     p.add_argument('--seeds', type=utils.seed, nargs='+', default=None, metavar='S',
                    help=f'seeds (default {" ".join(map(str, DEFAULT_SEEDS))}, or the first call\'s)')
     p.add_argument('--out', default='runs/reproduce', help='folder of the runs and the report')
-    p.add_argument('--time_limit', type=main_py.duration, default=None, metavar='T',
+    p.add_argument('--time_limit', type=utils.duration, default=None, metavar='T',
                    help='budget of this call (seconds, or a number with s/m/h); when spent: checkpoints, exit 3')
-    p.add_argument('--parallel', type=main_py.positive_int, default=1, metavar='N', help='runs side by side')
+    p.add_argument('--parallel', type=utils.positive_int, default=1, metavar='N', help='runs side by side')
     p.add_argument('--report', action='store_true', help='only write the report of the finished runs in --out')
     return p
 
@@ -77,7 +78,7 @@ def build_parser():
 # ----------------------------------------------------------------------------------------------------------
 
 def main_parser():
-    parser = main_py.build_parser()
+    parser = config.build_parser()
 
     def error(message):
         raise ValueError(f'{message} (a flag passed to main.py; python main.py --help lists them)')
@@ -88,7 +89,7 @@ def main_parser():
 def check_main_flags(flags):
     """Reject pass-through flags main.py does not know, or that this script sets itself (ValueError, one line)."""
     parser = main_parser()
-    own = [name for name in OWN_MAIN_FLAGS if name in main_py.given_flags(parser, flags)]
+    own = [name for name in OWN_MAIN_FLAGS if name in config.given_flags(parser, flags)]
     if own:
         raise ValueError(f'--{own[0]} is set by reproduce.py for each run; drop it '
                          f'(use --datasets, --seeds, --out, --time_limit)')
@@ -98,8 +99,8 @@ def check_configs(flags, datasets):
     """main.py's own checks of the flags, for each dataset (its presets differ), and that the dataset is there
     (or downloadable), before any run starts."""
     for dataset in datasets:
-        cfg = main_py.parse_config(['--dataset', dataset] + flags)
-        main_py.check_config(cfg)
+        cfg = config.resolve(['--dataset', dataset] + flags)
+        config.check_config(cfg)
         try:
             check_available(dataset, cfg.data_dir)
         except DataError as e:
@@ -111,7 +112,7 @@ def differing_flags(first, now):
     `now` first."""
     parser = main_parser()
     a, b = vars(parser.parse_args(first)), vars(parser.parse_args(now))
-    given = main_py.given_flags(parser, now)
+    given = config.given_flags(parser, now)
     return sorted((name for name in a if a[name] != b[name]), key=lambda name: name not in given)
 
 
@@ -126,9 +127,11 @@ def check_plan(datasets, seeds):
         twice = next((v for v in values or [] if values.count(v) > 1), None)
         if twice is not None:
             raise ValueError(f'--{name} lists {twice} twice; give each once')
-    bad = next((d for d in datasets or [] if not d or d.startswith('.') or '/' in d or os.sep in d), None)
-    if bad is not None:
-        raise ValueError(f'--datasets {bad!r}: a dataset is a plain name such as amazon_beauty')
+    for name in datasets or []:
+        try:
+            check_name(name, '--datasets')
+        except DataError as e:
+            raise ValueError(str(e)) from None
 
 
 def load_state(out, args, flags):
@@ -384,7 +387,7 @@ def dataset_report(dataset, runs):
     entry = {'paper': PAPER.get(dataset), 'seeds': list(finished), 'measured': None, 'relative_difference': None,
              'runs': []}
     if finished:
-        aggregate = main_py.aggregate_results(finished)
+        aggregate = aggregate_results(finished)
         names = [m for m in PAPER_METRICS if m in aggregate['metrics']] or list(next(iter(finished.values()))['test'])
         entry['measured'] = {m: aggregate['metrics'][m] for m in names}
         if entry['paper']:

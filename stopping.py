@@ -12,6 +12,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+# main.py's exit statuses (docs/long-runs.md); reproduce.py reads a piece's from them.
+DONE, STOPPED, BAD_INPUT, PAUSED = 0, 1, 2, 3  # PAUSED: --time_limit reached, checkpoint written, resumable
+
 # Training batches between the points where several processes agree on stopping (the last batch is one too).
 CHECK_EVERY = 25
 # Seconds assumed for a checkpoint write until one has been timed; after that, twice the last write.

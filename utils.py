@@ -54,6 +54,12 @@ def set_seed(seed):
     torch.backends.cudnn.benchmark = False
 
 
+def seed_per_process(rank, world):
+    """From generators alike on every process, a seed per process: `world` seeds are drawn alike everywhere
+    and each process takes the one of its rank, so that each draws its own noise, timesteps and dropout."""
+    set_seed(int(torch.randint(2 ** 31 - 1, (world,))[rank]))
+
+
 def rng_state():
     """Every generator's state, in types that torch.load(weights_only=True) accepts."""
     version, keys, gauss = random.getstate()

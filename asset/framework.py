@@ -9,11 +9,9 @@ The upper panel is one training step, the lower one inference by the reverse pro
 import argparse
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 DEFAULT_OUT = Path(__file__).resolve().parent / 'diffurec_framework.png'
 WIDTH_IN, HEIGHT_IN, DPI = 14.0, 10.0, 100  # 1400 x 1000 px; the axes use inches as data units
@@ -162,7 +160,8 @@ def draw_inference(ax):
 
 def draw(path=DEFAULT_OUT):
     """Draw the figure and save it as a PNG at `path` (1400 x 1000 px); returns the path."""
-    fig = plt.figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
+    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)  # no pyplot: the global backend stays as it was
+    FigureCanvasAgg(fig)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(0, WIDTH_IN)
     ax.set_ylim(0, HEIGHT_IN)
@@ -175,7 +174,6 @@ def draw(path=DEFAULT_OUT):
     path.parent.mkdir(parents=True, exist_ok=True)
     # no Software stamp: the bytes then depend on the drawing, not on the installed version string
     fig.savefig(path, dpi=DPI, facecolor='white', metadata={'Software': None})
-    plt.close(fig)
     return path
 
 

@@ -72,8 +72,8 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-# This script runs from datasets/; the project's modules live one folder up.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # run as a script from datasets/: the project's modules live one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import DEFAULT_DATA_DIR as _DATA_DIR, DataError, check_name  # noqa: E402
 from utils import (ArgumentParser, check_not_empty, finite_float, non_negative_int, readable_file,  # noqa: E402
                    writable_dir, write_atomic)

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))      # data.py, utils.py
-sys.path.insert(0, str(HERE))             # prepare.py, which owns the .inter format
+if __name__ == "__main__":  # run as a script from datasets/ (where prepare.py lies): data.py is one folder up
+    sys.path.insert(0, str(HERE.parent))
 from data import DEFAULT_DATA_DIR, DataError, check_name, load_dataset  # noqa: E402
 from prepare import inter_lines, one_line_errors  # noqa: E402
 from utils import write_atomic  # noqa: E402

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import bench
-from main import build_parser
+from config import build_parser
 from model import DiffuRec
 
 SMALL = ['--dataset', 'synthetic', '--hidden_size', '16', '--num_blocks', '2', '--diffusion_steps', '4',

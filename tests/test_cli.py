@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import config
 import main
 from data import make_synthetic
 
@@ -141,7 +142,7 @@ def test_cli_error_has_no_traceback_and_help_lists_every_reference_flag(tmp_path
 
 
 def test_reference_defaults_are_kept():
-    cfg = main.parse_config(['--dataset', 'amazon_beauty'])
+    cfg = config.resolve(['--dataset', 'amazon_beauty'])
     assert (cfg.batch_size, cfg.hidden_size, cfg.num_blocks, cfg.epochs, cfg.lr, cfg.dropout, cfg.emb_dropout) == \
         (512, 128, 4, 500, 0.001, 0.1, 0.3)
     assert (cfg.diffusion_steps, cfg.noise_schedule, cfg.schedule_sampler_name, cfg.lambda_uncertainty) == \
@@ -151,9 +152,9 @@ def test_reference_defaults_are_kept():
     assert (cfg.optimizer, cfg.weight_decay, cfg.metric_ks, cfg.heads, cfg.hidden_act) == \
         ('Adam', 0.0, [5, 10, 20], 4, 'gelu')
     assert cfg.rescale_timesteps is True and cfg.long_head is False and cfg.device == 'auto'
-    assert main.parse_config(['--no-rescale_timesteps']).rescale_timesteps is False
+    assert config.resolve(['--no-rescale_timesteps']).rescale_timesteps is False
     with pytest.raises(ValueError, match='unrecognized arguments: False'):  # booleans are real: no "--long_head False"
-        main.parse_config(['--long_head', 'False'])
+        config.resolve(['--long_head', 'False'])
 
 
 @pytest.mark.parametrize('emulated', [True, False])

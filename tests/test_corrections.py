@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import main
 import utils
 from model import DiffuRec
@@ -20,7 +21,7 @@ TINY = ['--dataset', 'synthetic', '--hidden_size', '16', '--num_blocks', '1', '-
 def tiny_trainer(tmp_path, *flags):
     """A Trainer over a small synthetic dataset (60 users, 40 items) with diffusion_steps 8."""
     os.makedirs(tmp_path, exist_ok=True)
-    cfg = main.parse_config(TINY + ['--out_dir', str(tmp_path)] + list(flags))
+    cfg = config.resolve(TINY + ['--out_dir', str(tmp_path)] + list(flags))
     utils.set_seed(cfg.random_seed)
     samples = build_samples(make_synthetic(n_users=60, n_items=40), cfg.max_len)
     model = DiffuRec.from_config(cfg, 40)
@@ -28,13 +29,13 @@ def tiny_trainer(tmp_path, *flags):
 
 
 def test_strict_sets_every_correction_and_the_defaults_are_the_reference():
-    strict = main.parse_config(['--strict'])
-    reference = main.parse_config([])
+    strict = config.resolve(['--strict'])
+    reference = config.resolve([])
     expected_reference = dict(attention_mask='query', rank_padding=True, exclude_history=False,
                               metric_average='batch', select_metric=None, update_lossaware=False)
     expected_strict = dict(attention_mask='key', rank_padding=False, exclude_history=True, metric_average='user',
                            select_metric='NDCG@10', update_lossaware=True)
-    assert set(main.STRICT) == set(expected_reference)
+    assert set(config.STRICT) == set(expected_reference)
     for key, value in expected_strict.items():
         assert getattr(strict, key) == value, key
         assert getattr(reference, key) == expected_reference[key], key

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import config
 import main
 import utils
 
@@ -27,7 +28,7 @@ def test_strict_refuses_an_explicit_flag_that_contradicts_it(tmp_path, capsys, f
 
 
 def test_strict_accepts_explicit_flags_equal_to_its_settings():
-    cfg = main.parse_config(['--strict', '--attention_mask', 'key', '--select_metric', 'NDCG@10',
+    cfg = config.resolve(['--strict', '--attention_mask', 'key', '--select_metric', 'NDCG@10',
                              '--no-rank_padding', '--exclude_history', '--metric_average', 'user'])
     assert (cfg.attention_mask, cfg.select_metric, cfg.rank_padding, cfg.metric_average) == \
         ('key', 'NDCG@10', False, 'user')
@@ -35,7 +36,7 @@ def test_strict_accepts_explicit_flags_equal_to_its_settings():
 
 def test_strict_with_sasrec_still_names_a_diffusion_flag():
     with pytest.raises(ValueError, match='does not apply to --model sasrec'):
-        main.parse_config(['--model', 'sasrec', '--strict', '--attention_mask', 'causal'])
+        config.resolve(['--model', 'sasrec', '--strict', '--attention_mask', 'causal'])
 
 
 def test_resume_compares_normalised_flags(tmp_path):
@@ -49,10 +50,10 @@ def test_resume_compares_normalised_flags(tmp_path):
     os.remove(f'{run_dir}/results.json')  # resumable again, as if stopped after its last validation
     for flags in (['--optimizer', 'Adam'], ['--optimizer', 'adam'], ['--metric_ks', '5', '10'],
                   ['--metric_ks', '10', '5', '5']):
-        cfg = main.parse_config(['--resume', run_dir] + flags)
+        cfg = config.resolve(['--resume', run_dir] + flags)
         assert (cfg.optimizer, cfg.metric_ks) == ('Adam', [5, 10])
     with pytest.raises(ValueError, match="optimizer='Adam' .given 'SGD'"):
-        main.parse_config(['--resume', run_dir, '--optimizer', 'sgd'])
+        config.resolve(['--resume', run_dir, '--optimizer', 'sgd'])
 
 
 def seeds_as_rank(monkeypatch, tmp_path, rank):
@@ -71,7 +72,7 @@ def seeds_as_rank(monkeypatch, tmp_path, rank):
         return {'dataset': 'synthetic', 'test': dict(test), 'diversity': {}}
 
     monkeypatch.setattr(main, 'run', fake_run)
-    cfg = main.parse_config(QUICK + ['--seeds', '1', '2', '--out_dir', str(base)])
+    cfg = config.resolve(QUICK + ['--seeds', '1', '2', '--out_dir', str(base)])
     main.run_seeds(cfg)
     return base, calls
 

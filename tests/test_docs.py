@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_link_parser_sees_images_and_skips_urls_and_code():
 
 
 def parser_flags():
-    return sorted({s for action in main.build_parser()._actions for s in action.option_strings
+    return sorted({s for action in config.build_parser()._actions for s in action.option_strings
                    if s.startswith('--') and s != '--help'})
 
 
@@ -108,7 +109,7 @@ def test_readme_names_every_key_of_results_json(tmp_path):
     row = next(line for line in README.read_text(encoding='utf-8').splitlines()
                if line.startswith('| `results.json` |'))
     documented = set(re.findall(r'`(\w+)`', row.split('|')[2]))
-    results = main.run(main.parse_config([
+    results = main.run(config.resolve([
         '--dataset', 'synthetic', '--epochs', '1', '--limit_train_batches', '1', '--limit_eval_batches', '1',
         '--epoch_time_avg', '--long_head', '--device', 'cpu', '--hidden_size', '8', '--num_blocks', '1', '--heads', '1',
         '--diffusion_steps', '4', '--out_dir', str(tmp_path / 'run'), '--log_file', '']))

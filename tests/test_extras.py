@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import main
+from aggregate import aggregate_results
 from model import DiffuRec
 from recommend import load_run, top_items, write_recommendations
 from metrics import diversity_metrics
@@ -262,7 +263,7 @@ def test_seeds_run_once_per_seed_and_aggregate(tmp_path, capsys):
 def test_seeds_errors(tmp_path, capsys):
     assert main.main(['--dataset', 'synthetic', '--seeds', '3', '3', '--out_dir', str(tmp_path)] + FAST) == 2
     assert 'twice' in one_error_line(capsys)
-    assert main.aggregate_results({7: {'dataset': 'd', 'test': {'HR@5': 2.0}, 'diversity': {'ild@1': None}}}) == \
+    assert aggregate_results({7: {'dataset': 'd', 'test': {'HR@5': 2.0}, 'diversity': {'ild@1': None}}}) == \
         {'dataset': 'd', 'seeds': [7], 'std': 'sample standard deviation (n - 1)',
          'metrics': {'HR@5': {'mean': 2.0, 'std': None, 'values': [2.0]}}}
 

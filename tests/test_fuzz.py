@@ -17,6 +17,7 @@ import time
 import pytest
 
 import bench
+import config
 import main
 import reproduce
 from data import make_synthetic
@@ -117,7 +118,7 @@ def run_reproduce(argv):
 DATA = os.path.join('..', 'data')
 # entry point -> (parser, run(argv) -> exit status, base command line; {n} is a fresh number per call)
 ENTRY_POINTS = {
-    'main.py': (main.build_parser, main.main, ['--dataset', 'mine', '--data_dir', DATA]),
+    'main.py': (config.build_parser, main.main, ['--dataset', 'mine', '--data_dir', DATA]),
     'bench.py': (bench.bench_parser, bench.main, ['--dataset', 'mine', '--data_dir', DATA]),
     'reproduce.py': (reproduce.build_parser, run_reproduce,
                      ['--out', 'reproduce_{n}', '--datasets', 'mine', '--seeds', '1', '--data_dir', DATA]),
@@ -140,7 +141,7 @@ def command(entry, action, option, kind, value, n):
     base = [arg.format(n=n) for arg in ENTRY_POINTS[entry][2]]
     if not action.option_strings:  # the positional input of prepare.py comes first
         return base[1:] if value is None else [value] + base[1:]
-    if entry == 'main.py' and action.dest in main.RECOMMEND_ONLY:  # --recommend's companions
+    if entry == 'main.py' and action.dest in config.RECOMMEND_ONLY:  # --recommend's companions
         base += ['--recommend', os.path.join('..', 'run')]
     if kind == 'explicit value':
         return base + [option + value]
@@ -224,13 +225,13 @@ def test_every_flag_refuses_its_hostile_values_in_one_line_or_is_allowed(sandbox
 
 
 def test_a_flag_added_to_a_parser_is_fuzzed_and_fails_until_it_is_checked(sandbox, monkeypatch):
-    build = main.build_parser
+    build = config.build_parser
 
     def with_new_flag():
         parser = build()
         parser.add_argument('--new_folder', default=None, help='a new flag nobody checks')
         return parser
-    monkeypatch.setattr(main, 'build_parser', with_new_flag)
+    monkeypatch.setattr(config, 'build_parser', with_new_flag)
     monkeypatch.setitem(ENTRY_POINTS, 'main.py', (with_new_flag,) + ENTRY_POINTS['main.py'][1:])
     pairs = [pair for pair in all_pairs() if pair[2] == '--new_folder']
     assert {kind for _, _, _, kind, _ in pairs} == {'missing value', *TEXT_VALUES}

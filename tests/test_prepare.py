@@ -584,6 +584,9 @@ def test_cli_nothing_survives_and_existing_output(tmp_path, capsys):
 # ------------------------------------------------------------ RecBole's atomic .inter file
 
 def _load_export():
+    # As when it runs as a script, its own folder (where prepare.py lies) is on the path.
+    if str(ROOT / "datasets") not in sys.path:
+        sys.path.append(str(ROOT / "datasets"))
     spec = importlib.util.spec_from_file_location("diffurec_to_recbole",
                                                   ROOT / "datasets" / "to_recbole.py")
     module = importlib.util.module_from_spec(spec)
@@ -732,13 +735,13 @@ def test_export_errors_are_one_line(tmp_path, capsys):
 
 def test_recbole_config_matches_the_sasrec_defaults():
     """datasets/recbole_sasrec.yaml sets RecBole's knobs to what main.py --model sasrec uses."""
-    import main
+    import config
     cfg = {}
     for line in (ROOT / "datasets" / "recbole_sasrec.yaml").read_text().splitlines():
         key, sep, value = line.split("#")[0].partition(":")
         if sep and key.strip() and value.strip():      # its keys are unique at every level
             cfg[key.strip()] = value.strip()
-    ours = {**vars(main.build_parser().parse_args(["--dataset", "x"])), **main.SASREC_PRESET}
+    ours = vars(config.resolve(["--dataset", "x", "--model", "sasrec"]))
     assert {k: cfg[k] for k in ("loss_type", "order", "mode", "split")} == \
         {"loss_type": "CE", "order": "TO", "mode": "full", "split": "{LS: valid_and_test}"}
     pairs = {"MAX_ITEM_LIST_LENGTH": "max_len", "n_layers": "num_blocks", "n_heads": "heads",

@@ -10,7 +10,10 @@ import sys
 import pytest
 import torch
 
+import config
 import main
+import utils
+from metrics import metric_names
 import stopping
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +49,7 @@ def test_a_run_cut_by_its_time_limit_ends_as_the_whole_run(tmp_path, clock, caps
         assert main.main(argv + ['--time_limit', limit], clock=clock) == 3
         err = capsys.readouterr().err
         [line] = stop_lines(err)
-        shown = stopping.format_duration(main.duration(limit))
+        shown = stopping.format_duration(utils.duration(limit))
         assert line.startswith(f'time limit {shown}: stopped {where} with '), line
         assert line.endswith(f'checkpoint written. Resume with: python main.py --resume {cut} --time_limit {shown}')
         assert 'Traceback' not in err and not os.path.exists(os.path.join(cut, 'results.json'))
@@ -56,7 +59,7 @@ def test_a_run_cut_by_its_time_limit_ends_as_the_whole_run(tmp_path, clock, caps
     a, b = results(whole), results(cut)
     assert a['epoch_losses'] == b['epoch_losses'] and len(b['epoch_losses']) == 4
     assert a['test'] == b['test'] and a['best_valid'] == b['best_valid'] and a['kept_epoch'] == b['kept_epoch']
-    names = main.metric_names(a['config']['metric_ks'])
+    names = metric_names(a['config']['metric_ks'])
     assert [[v[m] for m in names] for v in a['validations']] == [[v[m] for m in names] for v in b['validations']]
 
 
@@ -74,8 +77,8 @@ def test_a_budget_too_small_for_anything_stops_cleanly_with_status_3(tmp_path):
 def test_the_limit_is_per_invocation_and_may_be_given_with_resume(tmp_path, clock, capsys):
     run_dir = str(tmp_path / 'run')
     assert main.main(SMALL + ['--out_dir', run_dir, '--time_limit', '40'], clock=clock) == 3
-    assert main.parse_config(['--resume', run_dir]).time_limit is None  # not inherited
-    assert main.parse_config(['--resume', run_dir, '--time_limit', '9m']).time_limit == 540
+    assert config.resolve(['--resume', run_dir]).time_limit is None  # not inherited
+    assert config.resolve(['--resume', run_dir, '--time_limit', '9m']).time_limit == 540
     capsys.readouterr()
     assert main.main(['--resume', run_dir], clock=clock) == 0  # no limit: to the end
     assert results(run_dir)['epochs_run'] == 4
@@ -84,13 +87,13 @@ def test_the_limit_is_per_invocation_and_may_be_given_with_resume(tmp_path, cloc
 @pytest.mark.parametrize('text, seconds', [('90', 90), ('90s', 90), ('9m', 540), ('1.5h', 5400), ('.5', 0.5),
                                            ('2.m', 120)])
 def test_duration_parses_seconds_and_suffixes(text, seconds):
-    assert main.duration(text) == seconds
+    assert utils.duration(text) == seconds
 
 
 @pytest.mark.parametrize('text', ['', 'm', 'abc', '0', '0s', '-5', '5d', '9M', 'inf', 'nan', '1e3', '1h30m'])
 def test_a_bad_time_limit_is_one_argparse_error(text, capsys):
     with pytest.raises(argparse.ArgumentTypeError):
-        main.duration(text)
+        utils.duration(text)
     assert main.main(['--time_limit', text]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: argument --time_limit: expected'), err
@@ -99,7 +102,7 @@ def test_a_bad_time_limit_is_one_argparse_error(text, capsys):
 def test_format_duration_gives_a_time_limit_value():
     assert [stopping.format_duration(s) for s in (5400, 3600, 540, 90, 0.5)] == ['90m', '1h', '9m', '90s', '0.5s']
     for s in (5400, 3600, 540, 90, 0.5):
-        assert main.duration(stopping.format_duration(s)) == s
+        assert utils.duration(stopping.format_duration(s)) == s
 
 
 def test_time_limit_with_seeds_is_refused(tmp_path, capsys):
