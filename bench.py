@@ -22,9 +22,8 @@ import torch
 
 import utils
 from data import DataError, build_samples, load_dataset
-from data import sequence_samples
 from config import build_parser, check_config, given_flags, set_presets
-from model import DiffuRec, build_model
+from model import DiffuRec, build_model, model_class
 from trainer import precision_context
 
 
@@ -221,8 +220,8 @@ def main(argv=None):
     try:
         cfg = parse_args(argv)
         check_config(cfg)
-        if cfg.model == 'sasrec' and cfg.compare:
-            raise ValueError('--compare times the plain implementation of DiffuRec; drop it with --model sasrec')
+        if cfg.compare and model_class(cfg.model) is not DiffuRec:
+            raise ValueError(f'--compare times the plain implementation of DiffuRec; drop it with --model {cfg.model}')
         if cfg.json is not None:  # its folder is made and proven writable before the minutes of timing
             utils.writable_file(cfg.json, '--json')
         device = utils.choose_device(cfg.device)
@@ -238,15 +237,15 @@ def bench(cfg, device, data):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     utils.set_seed(cfg.random_seed)
+    model_type = model_class(cfg.model)
     samples = build_samples(data, cfg.max_len)
-    if cfg.model == 'sasrec':  # as main.py trains it: one sequence per user
-        samples['train'] = sequence_samples(data, cfg.max_len)
+    samples['train'] = model_type.training_samples(data, cfg.max_len, samples['train'])  # as main.py trains it
     samples = {k: (x.to(device), y.to(device)) for k, (x, y) in samples.items()}
     n_items = len(data['smap'])
     model = build_model(cfg, n_items).to(device)
-    if cfg.compile and cfg.model == 'diffurec':
-        model.approximator.compile()
-    name = 'SASRec (sasrec.py)' if cfg.model == 'sasrec' else 'fast (model.py)'
+    if cfg.compile:
+        model.compile_for_speed()
+    name = 'fast (model.py)' if model_type is DiffuRec else f'{model_type.title} ({model_type.__module__}.py)'
     rows = [bench_model(name, model, samples, cfg, device, cfg.precision)]
     if cfg.compare:
         from spec_reference import PlainDiffuRec
@@ -254,8 +253,8 @@ def bench(cfg, device, data):
         reference = DiffuRec.from_config(cfg, n_items).to(device)
         plain = PlainDiffuRec(reference, cfg.dropout, cfg.emb_dropout)
         rows.append(bench_model('plain spec (reference)', reference, samples, cfg, device, 'fp32', plain=plain))
-    steps = f'T {cfg.diffusion_steps}, ' if cfg.model == 'diffurec' else ''
-    print(f'{"SASRec" if cfg.model == "sasrec" else "DiffuRec"} benchmark: {cfg.dataset}, batch {cfg.batch_size}, '
+    steps = f'T {cfg.diffusion_steps}, ' if 'diffusion_steps' in model_type.own_flags else ''
+    print(f'{model_type.title} benchmark: {cfg.dataset}, batch {cfg.batch_size}, '
           f'{steps}d {cfg.hidden_size}, {cfg.num_blocks} blocks; device {device}; torch {torch.__version__}; '
           f'{torch.get_num_threads()} threads')
     print(table(rows))
@@ -273,7 +272,7 @@ def bench(cfg, device, data):
     print(f'machine: products of {tokens} x {width} by {width} x {4 * width} at {rates["gemm_gflops_float32"]:g} '
           f'GFLOP/s in fp32 and {rates["gemm_gflops_bfloat16"]:g} in bf16; '
           f'{rates["random_mwords_per_s"]} M random 64-bit words/s')
-    if cfg.model == 'diffurec' and cfg.approximator == 'transformer':
+    if model_type is DiffuRec and cfg.approximator == 'transformer':  # the products matmul_gflop counts
         work = matmul_gflop(cfg, n_items)
         floors = {f'{k}_ms_{p}': float(f'{1000 * gflop / rates[f"gemm_gflops_{p}"]:.3g}')
                   for k, gflop in work.items() for p in ('float32', 'bfloat16')}

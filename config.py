@@ -12,23 +12,14 @@ import os
 import utils
 from data import DEFAULT_DATA_DIR
 from metrics import metric_names
-from model import MODELS
+from model import MODELS, foreign_flags
 from trainer import check_run_dir, load_checkpoint
 from utils import duration, finite_float, positive_int
 
 METRIC_CHOICES = ('batch', 'user')
 
 # `--dataset synthetic` is for trying the pipeline in minutes on a CPU: a smaller model and a shorter
-# schedule, used for every flag not given on the command line.
-# `--model sasrec`: SASRec's defaults from the literature (docs/sasrec.md gives the sources), used for every flag
-# not given on the command line. Its validation is one forward pass per user, cheap enough to run often.
-SASREC_PRESET = dict(hidden_size=64, num_blocks=2, heads=1, dropout=0.2, emb_dropout=0.2, hidden_act='relu',
-                     batch_size=128, epochs=200, eval_interval=2, patience=5)
-# Flags that configure the diffusion alone; given with --model sasrec they are an error, not silently ignored.
-DIFFUREC_ONLY = ('diffusion_steps', 'noise_schedule', 'schedule_sampler_name', 'lambda_uncertainty',
-                 'rescale_timesteps', 'attention_mask', 'rounding', 'approximator', 'sample_steps',
-                 'eval_sample_steps', 'update_lossaware')
-
+# schedule, used for every flag not given on the command line (after the model's own preset).
 SYNTHETIC_PRESET = dict(hidden_size=64, num_blocks=2, batch_size=256, epochs=20, eval_interval=5, patience=2)
 
 STRICT = dict(attention_mask='key', rank_padding=False, exclude_history=True, metric_average='user',
@@ -74,7 +65,7 @@ def model_flags(parser):
     model = parser.add_argument_group('model')
     model.add_argument('--model', default='diffurec', choices=list(MODELS),
                        help='diffurec, or sasrec: the SASRec baseline trained with full cross-entropy, whose '
-                            'defaults for flags not given are ' + ', '.join(f'{k} {v}' for k, v in SASREC_PRESET.items()))
+                            'defaults for flags not given are ' + ', '.join(f'{k} {v}' for k, v in MODELS['sasrec'].preset.items()))
     model.add_argument('--hidden_size', type=positive_int, default=128, help='embedding size d')
     model.add_argument('--heads', type=positive_int, default=4, help='attention heads (the reference fixes 4)')
     model.add_argument('--num_blocks', type=positive_int, default=4, help='transformer blocks of the Approximator')
@@ -204,19 +195,18 @@ def resolve(argv=None):
     if cfg.recommend:  # None: the trained run's own value (recommend.py), unless given
         for name in RECOMMEND_FROM_RUN - given:
             setattr(cfg, name, None)
-    if cfg.model == 'sasrec':
-        misplaced = [name for name in DIFFUREC_ONLY if name in given]
-        if misplaced:
-            raise ValueError(f'--{misplaced[0]} configures DiffuRec\'s diffusion and does not apply to --model sasrec; '
-                             f'drop it')
+    foreign = foreign_flags(cfg.model)
+    misplaced = sorted(name for name in given if name in foreign)
+    if misplaced:
+        raise ValueError(f'--{misplaced[0]} configures {foreign[misplaced[0]].title} and does not apply to '
+                         f'--model {cfg.model}; drop it')
     return cfg
 
 
 def set_presets(parser, argv):
-    """The defaults of --model sasrec and --dataset synthetic on `parser`, for the flags argv does not give."""
+    """The defaults of the model's preset and of --dataset synthetic on `parser`, for the flags argv does not give."""
     known, _ = parser.parse_known_args(argv)
-    if known.model == 'sasrec':
-        parser.set_defaults(**SASREC_PRESET)
+    parser.set_defaults(**MODELS[known.model].preset)
     if known.dataset == 'synthetic':  # after SASRec's: the short schedule wins
         parser.set_defaults(**SYNTHETIC_PRESET)
     return parser
@@ -270,11 +260,12 @@ def flag_text(name, value):
 
 
 def apply_strict(cfg, given):
-    """--strict: set every correction of STRICT that applies to the model (SASRec's attention is causal
-    already, so the diffusion's are left out). A flag given with another value is a contradiction, not
-    something to drop silently: raises ValueError naming both. A flag given with the value --strict sets is fine."""
+    """--strict: set every correction of STRICT that the model reads (SASRec's attention is causal already, so
+    the diffusion's are left out). A flag given with another value is a contradiction, not something to drop
+    silently: raises ValueError naming both. A flag given with the value --strict sets is fine."""
+    foreign = foreign_flags(cfg.model)
     for name, value in STRICT.items():
-        if cfg.model == 'sasrec' and name in DIFFUREC_ONLY:
+        if name in foreign:
             continue
         if name in given and getattr(cfg, name) != value:
             raise ValueError(f'--strict sets {flag_text(name, value)}; '

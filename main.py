@@ -21,9 +21,9 @@ from board import require_tensorboard
 from aggregate import aggregate_results, aggregate_table
 from config import check_config, resolve
 from data import (DEFAULT_DATA_DIR, DataError, build_samples, check_available, group_users, histories,
-                  load_dataset, load_item_categories, samples_checksum, sequence_samples)
+                  load_dataset, load_item_categories, samples_checksum)
 from metrics import diversity_metrics, metric_names, metrics_table
-from model import build_model
+from model import build_model, model_class
 from plots import plot_curves
 from recommend import recommend
 from stopping import BAD_INPUT, DONE, PAUSED, STOPPED, RunStopped, TimeBudget, TimeUp
@@ -140,8 +140,8 @@ def run(cfg, clock=time.monotonic):
         raise ValueError(f'--metric_ks {max(cfg.metric_ks)} exceeds the {n_items} items of {cfg.dataset}')
     samples = build_samples(data, cfg.max_len)
     data_checksum = samples_checksum(*samples['train'])  # of the prefix samples, whatever the model
-    if cfg.model == 'sasrec':  # SASRec learns from every position of a history at once: one row per user
-        samples['train'] = sequence_samples(data, cfg.max_len)
+    model_type = model_class(cfg.model)
+    samples['train'] = model_type.training_samples(data, cfg.max_len, samples['train'])
     samples = {split: (x.to(device), y.to(device)) for split, (x, y) in samples.items()}  # once, not per batch
     item_categories = load_item_categories(cfg.category_file, data['smap'])[0] if cfg.category_file else None
 
@@ -156,14 +156,14 @@ def run(cfg, clock=time.monotonic):
         utils.write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))
 
     model = build_model(cfg, n_items).to(device)
-    if cfg.compile and cfg.model == 'diffurec':
-        model.approximator.compile()  # in place: the state dict keeps its names
+    if cfg.compile:
+        model.compile_for_speed()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if world > 1:
         # The model is initialised alike on every process (same seed); from here on each draws its own.
         utils.seed_per_process(rank, world)
     smoke = bool(cfg.limit_train_batches or cfg.limit_eval_batches)
-    log(f'{"SASRec" if cfg.model == "sasrec" else "DiffuRec"} on {cfg.dataset}: {len(data["train"])} users, '
+    log(f'{model_type.title} on {cfg.dataset}: {len(data["train"])} users, '
         f'{n_items} items, {len(samples["train"][1])} training samples; {n_params:,} parameters; device {device}; run dir {run_dir}'
         + (f'; {world} processes, {cfg.batch_size // world} rows each per batch' if world > 1 else ''))
     if smoke:

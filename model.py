@@ -5,15 +5,58 @@ loss = cross-entropy(x0_hat E^T, label) over all n_items + 1 rows.
 Inference: x_0 from the reverse process, scores = x_0 E^T ("inner") or minus the squared distance ("routing").
 """
 import copy
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from diffurec import Dropout, GaussianDiffusion, build_approximator, get_named_beta_schedule
+from sasrec import SASRec
 from step_sample import create_named_schedule_sampler
 
 ROUNDINGS = ('inner', 'routing')
+
+
+class Recommender(Protocol):
+    """What main.py, the trainer, bench.py and the evaluation loop ask of a model of --model (DiffuRec, SASRec).
+
+    Class attributes: `name` (the --model value), `title` (for logs), `preset` (the defaults of the flags not
+    given on the command line), `own_flags` (flags no other model reads: given with another --model, an error).
+    `sampler`: the timestep sampler whose state a checkpoint keeps, or None.
+    Training: forward(seq (B, L), targets) -> (mean loss, per-row losses (B,), timesteps (B,) or None); a
+    batch's weight in the epoch's mean loss is loss_units(targets) (its samples, or its real target positions).
+    Evaluation: scores(seq (B, L), sample_steps) -> (B, n_items + 1), higher is better.
+    """
+    name: str
+    title: str
+    preset: dict
+    own_flags: tuple
+    sampler: object
+
+    @classmethod
+    def from_config(cls, cfg, n_items):
+        """The model of a main.py config (argparse namespace or dict) over n_items items."""
+
+    @staticmethod
+    def training_samples(data, max_len, prefix_samples):
+        """The (inputs, targets) it trains on, given data.build_samples' prefix samples of the train split."""
+
+    @staticmethod
+    def loss_units(targets):
+        """The weight of a batch of targets in the epoch's mean loss."""
+
+    def forward(self, seq, targets):
+        """The training loss (see the class docstring)."""
+
+    def scores(self, seq, sample_steps=None):
+        """Scores over every row of the item table."""
+
+    def low_precision_copy(self, dtype=torch.bfloat16):
+        """A copy that evaluates in dtype (--precision bf16)."""
+
+    def compile_for_speed(self):
+        """--compile: torch.compile what pays, in place (the state dict keeps its names)."""
 
 
 class CastingApproximator(nn.Module):
@@ -37,7 +80,12 @@ class DiffuRec(nn.Module):
       rank_padding=True       the padding row takes part in the softmax of the loss and in the ranking
     """
 
-    name = 'diffurec'
+    name, title = 'diffurec', 'DiffuRec'
+    preset = {}  # the parser's defaults are the reference's
+    # Flags that configure the diffusion alone; given with another --model they are an error, not ignored.
+    own_flags = ('diffusion_steps', 'noise_schedule', 'schedule_sampler_name', 'lambda_uncertainty',
+                 'rescale_timesteps', 'attention_mask', 'rounding', 'approximator', 'sample_steps',
+                 'eval_sample_steps', 'update_lossaware')
 
     def __init__(self, n_items, hidden_size=128, num_blocks=4, heads=4, dropout=0.1, emb_dropout=0.3,
                  lambda_uncertainty=0.001, hidden_act='gelu', diffusion_steps=32, noise_schedule='trunc_lin',
@@ -59,9 +107,18 @@ class DiffuRec(nn.Module):
         self.sampler = create_named_schedule_sampler(schedule_sampler_name, diffusion_steps)
 
     @staticmethod
+    def training_samples(data, max_len, prefix_samples):
+        """Every prefix of a training history and the item after it: the prefix samples themselves."""
+        return prefix_samples
+
+    @staticmethod
     def loss_units(labels):
         """What one training row weighs in the batch mean: one sample, one unit."""
         return len(labels)
+
+    def compile_for_speed(self):
+        """--compile: the approximator, in place (the state dict keeps its names)."""
+        self.approximator.compile()
 
     @classmethod
     def from_config(cls, cfg, n_items):
@@ -132,16 +189,22 @@ class DiffuRec(nn.Module):
         return scores
 
 
-MODELS = ('diffurec', 'sasrec')
+MODELS = {cls.name: cls for cls in (DiffuRec, SASRec)}  # the registry of --model
+
+
+def model_class(name):
+    """The class of --model `name`; ValueError (one line) for an unknown one."""
+    if name not in MODELS:
+        raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
+    return MODELS[name]
+
+
+def foreign_flags(name):
+    """{flag: the class that owns it} for the flags of the other models, which --model `name` does not read."""
+    return {flag: cls for cls in MODELS.values() if cls.name != name for flag in cls.own_flags}
 
 
 def build_model(cfg, n_items):
     """The model named by the config's `model` (a main.py namespace or dict; absent = diffurec)."""
     c = cfg if isinstance(cfg, dict) else vars(cfg)
-    name = c.get('model', 'diffurec')  # configs saved before --model existed are DiffuRec's
-    if name == 'diffurec':
-        return DiffuRec.from_config(c, n_items)
-    if name == 'sasrec':
-        from sasrec import SASRec  # imported here: sasrec.py uses this module's helpers
-        return SASRec.from_config(c, n_items)
-    raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
+    return model_class(c.get('model', 'diffurec')).from_config(c, n_items)  # configs from before --model: DiffuRec

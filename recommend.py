@@ -16,7 +16,7 @@ import utils
 from config import check_sample_steps
 from data import DataError, build_samples, full_history_inputs, histories, load_dataset, samples_checksum
 from metrics import score_batches
-from model import build_model
+from model import build_model, model_class
 from trainer import check_run_dir, load_checkpoint
 
 CSV_FIELDS = ('user', 'rank', 'item', 'score')
@@ -97,7 +97,7 @@ def recommend(cfg, default_data_dir):
 
     The dataset is the run's (--dataset and --max_len of its config); its --data_dir unless cfg.data_dir
     differs from default_data_dir. Sampling is seeded with cfg.random_seed, so a rerun gives the same file.
-    cfg.sample_steps and cfg.precision: None for the run's own values (main.parse_config leaves them None
+    cfg.sample_steps and cfg.precision: None for the run's own values (config.resolve leaves them None
     unless given), else the value to use.
     """
     run_dir = cfg.recommend
@@ -117,9 +117,10 @@ def recommend(cfg, default_data_dir):
     sample_steps = cfg.sample_steps if cfg.sample_steps is not None else config.get('sample_steps')
     precision = cfg.precision or config.get('precision', 'fp32')
     if sample_steps is not None:
-        if config.get('model', 'diffurec') != 'diffurec':
+        run_model = model_class(config.get('model', 'diffurec'))  # configs from before --model: DiffuRec
+        if 'sample_steps' not in run_model.own_flags:
             raise ValueError(f'--sample_steps configures DiffuRec\'s sampling; the run in {run_dir} is '
-                             f'{config["model"]}: drop it')
+                             f'{run_model.name}: drop it')
         check_sample_steps(sample_steps, config['diffusion_steps'], source="the run's --diffusion_steps")
     out = cfg.out or os.path.join(run_dir, 'recommendations.csv')
     device = utils.choose_device(cfg.device)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import sequence_samples
 from diffurec import Dropout, TransformerBlock, attention_mask
 
 
@@ -25,7 +26,13 @@ class SASRec(nn.Module):
     rank_padding as in DiffuRec: whether the padding row takes part in the softmax and the ranking.
     """
 
-    name = 'sasrec'
+    name, title = 'sasrec', 'SASRec'
+    # The defaults from the literature (docs/sasrec.md gives the sources), for every flag not given. Its
+    # validation is one forward pass per user, cheap enough to run often.
+    preset = dict(hidden_size=64, num_blocks=2, heads=1, dropout=0.2, emb_dropout=0.2, hidden_act='relu',
+                  batch_size=128, epochs=200, eval_interval=2, patience=5)
+    own_flags = ()
+    sampler = None  # no timesteps
 
     def __init__(self, n_items, max_len=50, hidden_size=64, num_blocks=2, heads=1, dropout=0.2,
                  emb_dropout=0.2, hidden_act='relu', rank_padding=True):
@@ -50,6 +57,14 @@ class SASRec(nn.Module):
         return cls(n_items, max_len=c['max_len'], hidden_size=c['hidden_size'], num_blocks=c['num_blocks'],
                    heads=c['heads'], dropout=c['dropout'], emb_dropout=c['emb_dropout'],
                    hidden_act=c['hidden_act'], rank_padding=c['rank_padding'])
+
+    @staticmethod
+    def training_samples(data, max_len, prefix_samples):
+        """One row per user: the whole training history, a target at every position at once."""
+        return sequence_samples(data, max_len)
+
+    def compile_for_speed(self):
+        """--compile: nothing is compiled for SASRec (its step is a few products)."""
 
     @staticmethod
     def loss_units(targets):

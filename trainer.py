@@ -116,7 +116,7 @@ class Trainer:
             'kept_epoch': self.kept_epoch,
             'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(),
-            'sampler': self.module.sampler.state_dict() if hasattr(self.module, 'sampler') else None,
+            'sampler': self.module.sampler.state_dict() if self.module.sampler is not None else None,
             'rng': utils.rng_state(),
             'epoch': self.epoch, 'batch': self.batch,
             'epoch_elapsed': self.epoch_elapsed, 'epoch_loss': self.epoch_loss,

@@ -125,3 +125,20 @@ def test_a_checkpoint_of_one_model_is_refused_by_the_other(tmp_path, capsys):
 def test_diffusion_flags_are_refused_with_sasrec(flag, capsys):
     assert main.main(FAST + flag) == 2
     assert flag[0] in one_error_line(capsys)
+
+
+def test_every_registered_model_keeps_the_interface_and_names_real_flags():
+    """The registry is what --model offers; each class carries the interface's parts, and its preset and own
+    flags name flags of main.py's parser (a misspelt one would silently preset or refuse nothing)."""
+    import config
+    from model import MODELS, Recommender, foreign_flags
+    parser = config.build_parser()
+    flags = {a.dest for a in parser._actions}
+    assert set(MODELS) == set(next(a.choices for a in parser._actions if a.dest == 'model'))
+    methods = [name for name in vars(Recommender) if not name.startswith('_')]
+    for name, cls in MODELS.items():
+        assert cls.name == name
+        assert all(hasattr(cls, part) for part in methods + ['name', 'title', 'preset', 'own_flags']), name
+        assert set(cls.preset) <= flags and set(cls.own_flags) <= flags, name
+        assert not set(cls.own_flags) & set(foreign_flags(name)), name  # a flag has one owner
+    assert foreign_flags('sasrec')['diffusion_steps'] is MODELS['diffurec']
