@@ -13,7 +13,7 @@ import utils
 from data import DEFAULT_DATA_DIR
 from metrics import metric_names
 from model import MODELS, foreign_flags
-from trainer import check_run_dir, load_checkpoint
+import rundir
 from utils import duration, finite_float, positive_int
 
 METRIC_CHOICES = ('batch', 'user')
@@ -282,22 +282,21 @@ def given_flags(parser, argv):
 
 def resumed_config(cfg, given):
     """The config saved in cfg.resume's checkpoint; a given flag that would change it is refused by name."""
-    results = os.path.join(cfg.resume, 'results.json')
-    finished = ValueError(f'--resume {cfg.resume}: the run has finished, its results are in {results}; '
-                          f'start a new run with another --out_dir to train again')
-    if os.path.isfile(results) and not os.path.isfile(os.path.join(cfg.resume, 'checkpoint.pt')):
+    finished = ValueError(f'--resume {cfg.resume}: the run has finished, its results are in '
+                          f'{os.path.join(cfg.resume, rundir.RESULTS)}; start a new run with another --out_dir to '
+                          f'train again')
+    if rundir.finished(cfg.resume) and not os.path.isfile(os.path.join(cfg.resume, rundir.CHECKPOINT)):
         raise finished  # no validation ran, so no checkpoint was written
-    check_run_dir(cfg.resume, '--resume')
-    state = load_checkpoint(os.path.join(cfg.resume, 'checkpoint.pt'))
-    # runs from before --model: DiffuRec; from before --tensorboard: none
-    saved = argparse.Namespace(**{'model': 'diffurec', 'tensorboard': None, **state['config']})
+    rundir.check_run_dir(cfg.resume, '--resume')
+    state = rundir.load_checkpoint(os.path.join(cfg.resume, rundir.CHECKPOINT))
+    saved = argparse.Namespace(**rundir.saved_config(cfg.resume, state))
     normalise(saved)  # a config stored before normalisation compares in the same form
     differ = sorted(name for name in given - RESUME_MAY_CHANGE if getattr(cfg, name) != getattr(saved, name, None))
     if differ:
         raise ValueError(f'--resume {cfg.resume}: the run was made with ' + ', '.join(
             f'{name}={getattr(saved, name, None)!r} (given {getattr(cfg, name)!r})' for name in differ)
             + '; resume with its own flags or start a new run')
-    if os.path.isfile(results):  # after the comparison: a flag given against the run is the more useful line
+    if rundir.finished(cfg.resume):  # after the comparison: a flag given against the run is the more useful line
         raise finished
     for name in given & RESUME_MAY_CHANGE:
         setattr(saved, name, getattr(cfg, name))

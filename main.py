@@ -6,8 +6,6 @@
 Every flag of the authors' script keeps its name and default; `python main.py --help` lists them all.
 """
 import argparse
-import datetime
-import hashlib
 import os
 import platform
 import sys
@@ -16,6 +14,7 @@ import warnings
 
 import torch
 
+import rundir
 import utils
 from board import require_tensorboard
 from aggregate import aggregate_results, aggregate_table
@@ -27,26 +26,8 @@ from model import build_model, model_class
 from plots import plot_curves
 from recommend import recommend
 from stopping import BAD_INPUT, DONE, PAUSED, STOPPED, RunStopped, TimeBudget, TimeUp
-from trainer import Trainer, check_run_dir, load_checkpoint
-
-
-def check_out_dir(cfg):
-    """A given --out_dir that holds a run already is refused, unless that run is resumed."""
-    if cfg.out_dir and not cfg.resume and os.path.exists(os.path.join(cfg.out_dir, 'checkpoint.pt')):
-        raise ValueError(f'--out_dir {cfg.out_dir} holds a run already; continue it with --resume {cfg.out_dir} '
-                         f'or choose another --out_dir')
-
-
-def make_run_dir(cfg):
-    check_out_dir(cfg)
-    path = cfg.out_dir
-    if not path:
-        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-        path = os.path.join('runs', cfg.dataset, stamp)
-        suffix = 1
-        while os.path.exists(path):
-            path, suffix = os.path.join('runs', cfg.dataset, f'{stamp}-{suffix}'), suffix + 1
-    return utils.writable_dir(path, '--out_dir')
+from rundir import check_out_dir, check_run_dir, load_checkpoint, log_copy_name, make_run_dir
+from trainer import Trainer
 
 
 def check_start(cfg):
@@ -99,7 +80,7 @@ def distribute(model, device, world):
 
 def resume(trainer, cfg, data_checksum, rank, world):
     """Load the run's checkpoint into `trainer`, refusing one made on other data."""
-    state = load_checkpoint(os.path.join(cfg.resume, 'checkpoint.pt'))
+    state = load_checkpoint(os.path.join(cfg.resume, rundir.CHECKPOINT))
     if state['data_checksum'] != data_checksum:
         raise ValueError(f'--resume {cfg.resume}: the checkpoint was trained on other data (training samples '
                          f'{state["data_checksum"]}, now {data_checksum}); point --data_dir at the original dataset')
@@ -107,15 +88,6 @@ def resume(trainer, cfg, data_checksum, rank, world):
     if world > 1:  # the checkpoint holds rank 0's generators: give each process its own stream again
         utils.seed_per_process(rank, world)
     trainer.log(f'resumed {cfg.resume} at epoch {trainer.epoch}, batch {trainer.batch}')
-
-
-def log_copy_name(dataset, run_dir):
-    """Name of the run's log copy in --log_file: <dataset>_<parent folder>_<run folder>_<hash>.log. The hash (8 hex
-    digits of the absolute run_dir) keeps apart run dirs whose two last names agree, e.g. the seed_<S> folders
-    of two --seeds experiments, so each copy holds one run's log."""
-    path = os.path.abspath(run_dir)
-    digest = hashlib.sha1(path.encode()).hexdigest()[:8]
-    return f'{dataset}_{os.path.basename(os.path.dirname(path))}_{os.path.basename(path)}_{digest}.log'
 
 
 def run(cfg, clock=time.monotonic):
@@ -153,7 +125,7 @@ def run(cfg, clock=time.monotonic):
         log_paths.append(os.path.join(cfg.log_file, log_copy_name(cfg.dataset, run_dir)))
     log = utils.RunLog(log_paths, enabled=rank == 0)  # only rank 0 prints and writes files
     if rank == 0:
-        utils.write_json(utils.config_dict(cfg), os.path.join(run_dir, 'config.json'))
+        utils.write_json(utils.config_dict(cfg), os.path.join(run_dir, rundir.CONFIG))
 
     model = build_model(cfg, n_items).to(device)
     if cfg.compile:
@@ -211,9 +183,9 @@ def run(cfg, clock=time.monotonic):
         log('group analysis\n' + metrics_table({k: {m: v[m] for m in metric_names(cfg.metric_ks)}
                                                 for k, v in groups.items()}))
     if rank == 0:
-        utils.write_json(results, os.path.join(run_dir, 'results.json'))
+        utils.write_json(results, os.path.join(run_dir, rundir.RESULTS))
         write_curves(run_dir, trainer, cfg.metric_ks, log)
-    log(f'results written to {os.path.join(run_dir, "results.json")}')
+    log(f'results written to {os.path.join(run_dir, rundir.RESULTS)}')
     return results
 
 

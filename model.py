@@ -130,7 +130,7 @@ class DiffuRec(nn.Module):
                    diffusion_steps=c['diffusion_steps'], noise_schedule=c['noise_schedule'],
                    rescale_timesteps=c['rescale_timesteps'], schedule_sampler_name=c['schedule_sampler_name'],
                    attention_mask=c['attention_mask'], rank_padding=c['rank_padding'], rounding=c['rounding'],
-                   approximator=c.get('approximator', 'transformer'))  # absent from configs saved before the flag
+                   approximator=c['approximator'])
 
     def embed(self, seq):
         """seq (B, L) long -> h = LN(Drop(E[seq])) (B, L, d) and mask = seq > 0 (B, L)."""

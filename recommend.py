@@ -7,7 +7,6 @@ and the dataset is loaded as the run loaded it. Each user's input is the whole k
 train + val + test (its last max_len items), so the list is a forecast of the item after the test item.
 """
 import csv
-import json
 import os
 
 import torch
@@ -17,7 +16,7 @@ from config import check_sample_steps
 from data import DataError, build_samples, full_history_inputs, histories, load_dataset, samples_checksum
 from metrics import score_batches
 from model import build_model, model_class
-from trainer import check_run_dir, load_checkpoint
+from rundir import CHECKPOINT, check_run_dir, load_checkpoint, saved_config
 
 CSV_FIELDS = ('user', 'rank', 'item', 'score')
 
@@ -30,17 +29,10 @@ def load_run(run_dir):
     directory, the checkpoint or its contents are missing or unusable.
     """
     check_run_dir(run_dir, '--recommend')
-    checkpoint = load_checkpoint(os.path.join(run_dir, 'checkpoint.pt'))
+    checkpoint = load_checkpoint(os.path.join(run_dir, CHECKPOINT))
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'n_items' not in checkpoint:
-        raise ValueError(f'{run_dir}/checkpoint.pt is not a checkpoint of this project (no model or n_items)')
-    config = checkpoint.get('config')
-    if config is None:
-        try:
-            with open(os.path.join(run_dir, 'config.json')) as f:
-                config = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f'{run_dir}: the checkpoint holds no config and config.json cannot be read '
-                             f'({type(e).__name__})') from None
+        raise ValueError(f'{run_dir}/{CHECKPOINT} is not a checkpoint of this project (no model or n_items)')
+    config = saved_config(run_dir, checkpoint)
     state = checkpoint['kept_model'] if checkpoint.get('kept_model') is not None else checkpoint['model']
     try:
         model = build_model(config, checkpoint['n_items'])
@@ -117,7 +109,7 @@ def recommend(cfg, default_data_dir):
     sample_steps = cfg.sample_steps if cfg.sample_steps is not None else config.get('sample_steps')
     precision = cfg.precision or config.get('precision', 'fp32')
     if sample_steps is not None:
-        run_model = model_class(config.get('model', 'diffurec'))  # configs from before --model: DiffuRec
+        run_model = model_class(config['model'])
         if 'sample_steps' not in run_model.own_flags:
             raise ValueError(f'--sample_steps configures DiffuRec\'s sampling; the run in {run_dir} is '
                              f'{run_model.name}: drop it')

@@ -13,10 +13,7 @@ Exit status: 0 every run finished (report written); 3 the time budget is spent (
 a failed run's own status (its last error lines are shown); 2 bad flags; 128 + the signal number after
 Ctrl-C or SIGTERM (the running pieces write their checkpoints first).
 """
-import argparse
 import collections
-import csv
-import json
 import os
 import re
 import shlex
@@ -33,7 +30,7 @@ from aggregate import aggregate_results
 from plots import plot_reproduction
 from data import DataError, check_available, check_name
 from stopping import PAUSED
-from trainer import load_checkpoint
+from rundir import CHECKPOINT, progress, read_json
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = ['amazon_beauty', 'toys', 'ml-1m']
@@ -116,11 +113,6 @@ def differing_flags(first, now):
     return sorted((name for name in a if a[name] != b[name]), key=lambda name: name not in given)
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def check_plan(datasets, seeds):
     """Each dataset a plain folder name, each dataset and seed once (two runs must not share a folder)."""
     for name, values in (('datasets', datasets), ('seeds', seeds)):
@@ -169,38 +161,6 @@ def is_smoke(flags):
     """Whether main.py flags make smoke runs (results.json marks them 'smoke')."""
     ns = main_parser().parse_args(flags)
     return bool(ns.limit_train_batches or ns.limit_eval_batches)
-
-
-def run_summary(path, smoke_ok=False):
-    """What a run folder holds: a dict with status 'finished' (results.json, of a smoke run only when
-    smoke_ok), 'unfinished' (checkpoint.pt or metrics.csv) or 'new'; epoch (epochs trained), max_epochs,
-    eval_interval, epoch_seconds, validations (Trainer.history rows), results (results.json or None)."""
-    summary = {'status': 'new', 'epoch': 0, 'max_epochs': None, 'eval_interval': None, 'epoch_seconds': [],
-               'validations': [], 'results': None}
-    results_path, checkpoint_path = os.path.join(path, 'results.json'), os.path.join(path, 'checkpoint.pt')
-    metrics_path = os.path.join(path, 'metrics.csv')
-    results = read_json(results_path) if os.path.exists(results_path) else None
-    if results is not None and (smoke_ok or not results.get('smoke')):
-        summary.update(status='finished', results=results, epoch=results['epochs_run'],
-                       epoch_seconds=results['epoch_seconds'], validations=results['validations'],
-                       max_epochs=results['config']['epochs'], eval_interval=results['config']['eval_interval'])
-        return summary
-    if os.path.exists(checkpoint_path):
-        try:
-            state = load_checkpoint(checkpoint_path)
-        except ValueError:  # unreadable: main.py --resume will say so; metrics.csv still tells the progress
-            state = None
-        if state is not None:
-            summary.update(status='unfinished', epoch=state['epoch'], epoch_seconds=state['epoch_seconds'],
-                           validations=state['history'], max_epochs=state['config']['epochs'],
-                           eval_interval=state['config']['eval_interval'])
-            return summary
-    if os.path.exists(metrics_path):  # written with every checkpoint
-        with open(metrics_path, newline='') as f:
-            rows = [{k: float(v) if k not in ('kept',) and v not in ('', None) else v for k, v in row.items()}
-                    for row in csv.DictReader(f)]
-        summary.update(status='unfinished', validations=rows, epoch=int(rows[-1]['epoch']) + 1 if rows else 0)
-    return summary
 
 
 def wall_seconds(summary):
@@ -283,7 +243,7 @@ class SubprocessRunner:
 def piece_command(path, dataset, seed, flags, seconds):
     """main.py's command line for the next piece of a run: a fresh start, or --resume when a checkpoint exists
     (the checkpoint holds the run's whole config, and reproduce.json has kept the flags unchanged)."""
-    if os.path.exists(os.path.join(path, 'checkpoint.pt')):
+    if os.path.exists(os.path.join(path, CHECKPOINT)):
         args = ['--resume', path, '--log_file', '']
     else:
         args = ['--dataset', dataset, '--random_seed', str(seed), '--out_dir', path, '--log_file', ''] + flags
@@ -321,7 +281,7 @@ def run_all(todo, out, flags, parallel, budget, runner):
                     dataset, seed = pending.pop(0)
                     path = run_dir(out, dataset, seed)
                     os.makedirs(path, exist_ok=True)
-                    print(progress_line(dataset, seed, run_summary(path, smoke_ok=is_smoke(flags))), flush=True)
+                    print(progress_line(dataset, seed, progress(path, smoke_ok=is_smoke(flags))), flush=True)
                     running[pool.submit(runner, piece_command(path, dataset, seed, flags, left), REPO, path)] = \
                         (dataset, seed)
                 if not running:
@@ -333,7 +293,7 @@ def run_all(todo, out, flags, parallel, budget, runner):
                     if code == 0:
                         print(f'{dataset} seed {seed}: finished', flush=True)
                     elif code == PAUSED or stopping or signals:
-                        saved = os.path.exists(os.path.join(run_dir(out, dataset, seed), 'checkpoint.pt'))
+                        saved = os.path.exists(os.path.join(run_dir(out, dataset, seed), CHECKPOINT))
                         print(f'{dataset} seed {seed}: paused, ' + ('checkpoint written' if saved else
                                                                     'before its first checkpoint'), flush=True)
                         status = status or PAUSED
@@ -376,7 +336,7 @@ def collect_runs(out, state):
     for dataset in list(planned) + [d for d in found if d not in planned]:
         seeds = planned.get(dataset, []) + [s for s in found.get(dataset, []) if s not in planned.get(dataset, [])]
         smoke_ok = bool(state) and is_smoke(state['main_flags'])
-        runs[dataset] = {s: run_summary(run_dir(out, dataset, s), smoke_ok) for s in seeds}
+        runs[dataset] = {s: progress(run_dir(out, dataset, s), smoke_ok) for s in seeds}
     return runs
 
 
@@ -491,12 +451,12 @@ def reproduce(argv, runner):
         utils.write_json(state, os.path.join(out, STATE_FILE))
     smoke = is_smoke(flags)
     todo = [(d, s) for d in state['datasets'] for s in state['seeds']
-            if run_summary(run_dir(out, d, s), smoke)['status'] != 'finished']
+            if progress(run_dir(out, d, s), smoke)['status'] != 'finished']
     if len(todo) < len(state['datasets']) * len(state['seeds']):
         print(f'{len(state["datasets"]) * len(state["seeds"]) - len(todo)} run(s) finished already, skipped')
     status = run_all(todo, out, flags, args.parallel, args.time_limit, runner)
     if status == PAUSED:
-        left = sum(run_summary(run_dir(out, d, s), smoke)['status'] != 'finished' for d, s in todo)
+        left = sum(progress(run_dir(out, d, s), smoke)['status'] != 'finished' for d, s in todo)
         print(f'time budget spent: {left} run(s) unfinished, checkpoints written; continue with the same command: '
               f'python reproduce.py {shlex.join(argv)}')
     elif status == 0:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import rundir
 import utils
 from metrics import evaluate, format_metrics, metric_names
 from stopping import CHECK_EVERY, RunStopped, Stopper
@@ -23,27 +24,6 @@ from stopping import CHECK_EVERY, RunStopped, Stopper
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
-
-def check_run_dir(run_dir, flag):
-    """The folder given to `flag` (--resume, --recommend), checked before any work: a folder holding a checkpoint.
-    ValueError (one line naming the flag) otherwise."""
-    if not os.path.isdir(run_dir):
-        raise ValueError(f'{flag} {run_dir}: no such run directory; pass the folder of a run (its --out_dir)')
-    if not os.path.isfile(os.path.join(run_dir, 'checkpoint.pt')):
-        raise ValueError(f'{flag} {run_dir}: no checkpoint.pt there; pass the folder of a run that validated '
-                         f'or was interrupted')
-
-
-def load_checkpoint(path):
-    """Load a checkpoint with weights_only=True; a missing or corrupt file raises ValueError (one line)."""
-    if not os.path.isfile(path):
-        raise ValueError(f'no checkpoint at {path}; pass the run directory of a run that validated or was interrupted')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # corrupt, truncated, or not a checkpoint
-        raise ValueError(f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); '
-                         f'it is corrupt or not a checkpoint of this project') from None
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The trainer
@@ -148,7 +128,7 @@ class Trainer:
             self.board.flush()
         if self.rank == 0:
             begun = self.clock()
-            utils.write_atomic(os.path.join(self.run_dir, 'checkpoint.pt'), lambda f: torch.save(self.state_dict(), f),
+            utils.write_atomic(os.path.join(self.run_dir, rundir.CHECKPOINT), lambda f: torch.save(self.state_dict(), f),
                                binary=True)
             self.stopper.timing['save'] = self.clock() - begun
 
@@ -407,7 +387,7 @@ def write_metrics_csv(run_dir, history, metric_ks):
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(history)
-    utils.write_atomic(os.path.join(run_dir, 'metrics.csv'), write)
+    utils.write_atomic(os.path.join(run_dir, rundir.METRICS), write)
 
 
 def selection_step(metrics, best, select_metric, bad_count, patience):

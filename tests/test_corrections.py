@@ -11,7 +11,8 @@ import main
 import utils
 from model import DiffuRec
 from metrics import average_metrics, evaluate, metric_names
-from trainer import Trainer, kept_selection, load_checkpoint
+from rundir import load_checkpoint
+from trainer import Trainer, kept_selection
 from data import build_samples, make_synthetic
 
 TINY = ['--dataset', 'synthetic', '--hidden_size', '16', '--num_blocks', '1', '--diffusion_steps', '8',

@@ -8,6 +8,7 @@ import torch
 
 import config
 import main
+import rundir
 import utils
 
 # A run of a few seconds, should a refused command start one after all.
@@ -123,8 +124,8 @@ def test_log_copies_of_two_seed_experiments_do_not_collide(tmp_path):
         run_dir = text.split('run dir ')[1].split(';')[0].split('\n')[0]
         with open(os.path.join(run_dir, 'log.txt')) as f:
             assert f.read() == text
-    assert main.log_copy_name('synthetic', str(tmp_path / 'a' / 'seed_1')) != \
-        main.log_copy_name('synthetic', str(tmp_path / 'b' / 'seed_1'))
+    assert rundir.log_copy_name('synthetic', str(tmp_path / 'a' / 'seed_1')) != \
+        rundir.log_copy_name('synthetic', str(tmp_path / 'b' / 'seed_1'))
 
 
 def full_attention(self, h, x_t, t_scaled, mask, lam=None):
