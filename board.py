@@ -43,3 +43,11 @@ class Board:
 
     def close(self):
         self.writer.close()
+
+
+def open_board(log_dir, purge_step, log):
+    """The run's Board in log_dir, said in the log. purge_step: None for a new run; for a resumed one, the first
+    epoch its checkpoint has not trained (TensorBoard hides what an earlier process logged from there on)."""
+    board = Board(log_dir, purge_step=purge_step)
+    log(f'TensorBoard scalars written to {log_dir}')
+    return board

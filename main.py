@@ -6,6 +6,7 @@
 Every flag of the authors' script keeps its name and default; `python main.py --help` lists them all.
 """
 import argparse
+import collections
 import os
 import platform
 import sys
@@ -97,6 +98,46 @@ def run(cfg, clock=time.monotonic):
     check_start(cfg)
     if cfg.loss_lambda != 0.001:
         warnings.warn('--loss_lambda has no effect: the reference objective never uses it', stacklevel=1)
+    procs = start_processes(cfg)
+    data, samples, data_checksum = load_samples(cfg, procs.device)
+    item_categories = load_item_categories(cfg.category_file, data['smap'])[0] if cfg.category_file else None
+    run_dir, log = open_run_dir(cfg, procs.rank, procs.world)
+    model, n_params = make_model(cfg, len(data['smap']), procs)
+    log(f'{model_class(cfg.model).title} on {cfg.dataset}: {len(data["train"])} users, {len(data["smap"])} items, '
+        f'{len(samples["train"][1])} training samples; {n_params:,} parameters; device {procs.device}; run dir '
+        f'{run_dir}' + (f'; {procs.world} processes, {cfg.batch_size // procs.world} rows each per batch'
+                        if procs.world > 1 else ''))
+    if is_smoke(cfg):
+        log('smoke run: --limit_train_batches/--limit_eval_batches set, results are marked smoke')
+    excluded = {split: histories(data, split) for split in ('val', 'test')} if cfg.exclude_history else None
+    trainer = Trainer(distribute(model, procs.device, procs.world), cfg, samples, run_dir, procs.device, log,
+                      rank=procs.rank, world=procs.world, data_checksum=data_checksum, histories=excluded,
+                      budget=budget)
+    if cfg.resume:
+        resume(trainer, cfg, data_checksum, procs.rank, procs.world)
+    trainer.fit()
+    results, final = test_results(cfg, trainer, item_categories, log)
+    results.update(n_params=n_params, device=str(procs.device), torch_version=torch.__version__,
+                   smoke=is_smoke(cfg), data_checksum=data_checksum, host=platform.node(),
+                   threads=torch.get_num_threads(), world_size=procs.world)
+    if cfg.epoch_time_avg:
+        results['epoch_time_avg'] = round(sum(trainer.epoch_seconds) / max(len(trainer.epoch_seconds), 1), 3)
+        log(f'mean epoch time: {results["epoch_time_avg"]:.2f}s over {len(trainer.epoch_seconds)} epochs')
+    if cfg.long_head:
+        results['long_head'] = long_head_results(cfg, trainer, final, data, log)
+    if procs.rank == 0:
+        utils.write_json(results, os.path.join(run_dir, rundir.RESULTS))
+        write_curves(run_dir, trainer, cfg.metric_ks, log)
+    log(f'results written to {os.path.join(run_dir, rundir.RESULTS)}')
+    return results
+
+
+Processes = collections.namedtuple('Processes', 'rank world device')
+
+
+def start_processes(cfg):
+    """This process's rank among `world` (torchrun's, else 0 of 1), its device, the process group joined and
+    every generator seeded with --random_seed."""
     rank, world, local_rank = utils.torchrun_env()
     device = utils.choose_device(cfg.device, local_rank)
     if cfg.precision == 'bf16' and utils.bf16_is_emulated(device):
@@ -105,49 +146,56 @@ def run(cfg, clock=time.monotonic):
     if world > 1:
         utils.init_distributed(device, rank, world)
     utils.set_seed(cfg.random_seed)
+    return Processes(rank, world, device)
 
+
+def load_samples(cfg, device):
+    """(the dataset, its samples on `device` with the model's training rows, the checksum of the prefix samples)."""
     data = load_dataset(cfg.dataset, cfg.data_dir)
     n_items = len(data['smap'])
     if max(cfg.metric_ks) > n_items:
         raise ValueError(f'--metric_ks {max(cfg.metric_ks)} exceeds the {n_items} items of {cfg.dataset}')
     samples = build_samples(data, cfg.max_len)
     data_checksum = samples_checksum(*samples['train'])  # of the prefix samples, whatever the model
-    model_type = model_class(cfg.model)
-    samples['train'] = model_type.training_samples(data, cfg.max_len, samples['train'])
+    samples['train'] = model_class(cfg.model).training_samples(data, cfg.max_len, samples['train'])
     samples = {split: (x.to(device), y.to(device)) for split, (x, y) in samples.items()}  # once, not per batch
-    item_categories = load_item_categories(cfg.category_file, data['smap'])[0] if cfg.category_file else None
+    return data, samples, data_checksum
 
-    run_dir = utils.from_rank0(lambda: make_run_dir(cfg), rank, world)  # one directory, chosen by rank 0
-    log_paths = [os.path.join(run_dir, 'log.txt')]
+
+def open_run_dir(cfg, rank, world):
+    """(the run folder, chosen by rank 0 and made, with config.json written; the run's log, with its copy in
+    --log_file). Only rank 0 prints and writes files."""
+    run_dir = utils.from_rank0(lambda: make_run_dir(cfg), rank, world)
+    log_paths = [os.path.join(run_dir, rundir.LOG)]
     if cfg.log_file:
         if rank == 0:
             utils.writable_dir(cfg.log_file, '--log_file')
         log_paths.append(os.path.join(cfg.log_file, log_copy_name(cfg.dataset, run_dir)))
-    log = utils.RunLog(log_paths, enabled=rank == 0)  # only rank 0 prints and writes files
+    log = utils.RunLog(log_paths, enabled=rank == 0)
     if rank == 0:
         utils.write_json(utils.config_dict(cfg), os.path.join(run_dir, rundir.CONFIG))
+    return run_dir, log
 
-    model = build_model(cfg, n_items).to(device)
+
+def is_smoke(cfg):
+    return bool(cfg.limit_train_batches or cfg.limit_eval_batches)
+
+
+def make_model(cfg, n_items, procs):
+    """(the model on its device, compiled under --compile; its trainable parameter count). It is initialised
+    alike on every process (same seed); from here on each process draws its own numbers."""
+    model = build_model(cfg, n_items).to(procs.device)
     if cfg.compile:
         model.compile_for_speed()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if world > 1:
-        # The model is initialised alike on every process (same seed); from here on each draws its own.
-        utils.seed_per_process(rank, world)
-    smoke = bool(cfg.limit_train_batches or cfg.limit_eval_batches)
-    log(f'{model_type.title} on {cfg.dataset}: {len(data["train"])} users, '
-        f'{n_items} items, {len(samples["train"][1])} training samples; {n_params:,} parameters; device {device}; run dir {run_dir}'
-        + (f'; {world} processes, {cfg.batch_size // world} rows each per batch' if world > 1 else ''))
-    if smoke:
-        log('smoke run: --limit_train_batches/--limit_eval_batches set, results are marked smoke')
+    if procs.world > 1:
+        utils.seed_per_process(procs.rank, procs.world)
+    return model, n_params
 
-    excluded = {split: histories(data, split) for split in ('val', 'test')} if cfg.exclude_history else None
-    trainer = Trainer(distribute(model, device, world), cfg, samples, run_dir, device, log, rank=rank, world=world,
-                      data_checksum=data_checksum, histories=excluded, budget=budget)
-    if cfg.resume:
-        resume(trainer, cfg, data_checksum, rank, world)
-    trainer.fit()
 
+def test_results(cfg, trainer, item_categories, log):
+    """Test the kept model (the final one when no validation ran): (the start of results.json, logged beside
+    the best and kept validation rows, with the diversity of its test top-K; the model tested)."""
     if trainer.kept_state is None:
         log('no validation ran (epochs <= eval_interval): testing the final model')
     final = trainer.final_model()
@@ -159,34 +207,24 @@ def run(cfg, clock=time.monotonic):
         selection = summary['selection']
         rows = {'best valid': trainer.best, f'kept valid (epoch {selection["epoch"]})': selection['valid'], **rows}
     log('\n' + metrics_table(rows))
-    diversity = diversity_metrics(torch.cat(topk_items), final.item_table.weight, n_items, item_categories)
+    diversity = diversity_metrics(torch.cat(topk_items), final.item_table.weight, final.n_items, item_categories)
     log('diversity of the test top-K: ' + '  '.join(f'{k} {v}' for k, v in diversity.items()))
+    return {'model': cfg.model, 'dataset': cfg.dataset, 'config': utils.config_dict(cfg), 'test': test, **summary,
+            'diversity': diversity}, final
 
-    results = {
-        'model': cfg.model, 'dataset': cfg.dataset, 'config': utils.config_dict(cfg), 'test': test,
-        **summary, 'diversity': diversity, 'n_params': n_params, 'device': str(device),
-        'torch_version': torch.__version__, 'smoke': smoke, 'data_checksum': data_checksum,
-        'host': platform.node(), 'threads': torch.get_num_threads(), 'world_size': world,
-    }
-    if cfg.epoch_time_avg:
-        results['epoch_time_avg'] = round(sum(trainer.epoch_seconds) / max(len(trainer.epoch_seconds), 1), 3)
-        log(f'mean epoch time: {results["epoch_time_avg"]:.2f}s over {len(trainer.epoch_seconds)} epochs')
-    if cfg.long_head:
-        groups = {}
-        test_histories = histories(data, 'test')  # a group predicts the test item from train + val
-        for name, (inputs, labels, users) in group_users(data, cfg.max_len).items():
-            if len(labels):
-                group_histories = [test_histories[u] for u in users.tolist()]
-                groups[name] = trainer.evaluate_split(name, model=final, data=(inputs, labels, group_histories))
-                groups[name]['users'] = len(labels)
-        results['long_head'] = groups
-        log('group analysis\n' + metrics_table({k: {m: v[m] for m in metric_names(cfg.metric_ks)}
-                                                for k, v in groups.items()}))
-    if rank == 0:
-        utils.write_json(results, os.path.join(run_dir, rundir.RESULTS))
-        write_curves(run_dir, trainer, cfg.metric_ks, log)
-    log(f'results written to {os.path.join(run_dir, rundir.RESULTS)}')
-    return results
+
+def long_head_results(cfg, trainer, final, data, log):
+    """--long_head: the tested model's metrics and user count in each hot/cold and length group, logged."""
+    groups = {}
+    test_histories = histories(data, 'test')  # a group predicts the test item from train + val
+    for name, (inputs, labels, users) in group_users(data, cfg.max_len).items():
+        if len(labels):
+            group_histories = [test_histories[u] for u in users.tolist()]
+            groups[name] = trainer.evaluate_split(name, model=final, data=(inputs, labels, group_histories))
+            groups[name]['users'] = len(labels)
+    log('group analysis\n' + metrics_table({k: {m: v[m] for m in metric_names(cfg.metric_ks)}
+                                            for k, v in groups.items()}))
+    return groups
 
 
 def write_curves(run_dir, trainer, ks, log):

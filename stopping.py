@@ -139,3 +139,11 @@ class Stopper:
                           f'--time_limit {limit}')
         return RunStopped(f'{signal.Signals(self.signal).name}: stopped {where}; checkpoint written. '
                           f'Resume with: python main.py --resume {run_dir}')
+
+
+def batches_to_check(b, world, n_batches):
+    """Batches from batch b (the next to run) through the next point where the run may stop: 1 with one
+    process; with several, the next check point of the epoch (every CHECK_EVERY-th batch, the last)."""
+    if world == 1:
+        return 1
+    return min(-(-b // CHECK_EVERY) * CHECK_EVERY, n_batches - 1) - b + 1

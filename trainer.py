@@ -18,7 +18,8 @@ from tqdm import tqdm
 import rundir
 import utils
 from metrics import evaluate, format_metrics, metric_names
-from stopping import CHECK_EVERY, RunStopped, Stopper
+from board import open_board
+from stopping import CHECK_EVERY, RunStopped, Stopper, batches_to_check
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -42,6 +43,11 @@ def precision_context(device, precision):
     if precision == 'bf16':
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+# The trainer's progress, as the checkpoint holds it (beside the model, optimizer, RNG and sampler states).
+PROGRESS = ('kept_epoch', 'epoch', 'batch', 'epoch_elapsed', 'epoch_loss', 'best', 'best_epoch', 'bad_count',
+            'stopped_early', 'epoch_seconds', 'epoch_losses', 'history')
 
 
 class Trainer:
@@ -72,18 +78,14 @@ class Trainer:
             self.n_batches = min(self.n_batches, cfg.limit_train_batches)
         self.stopper = Stopper(budget, world, device)
         self.clock = self.stopper.clock
-        # Progress, all saved in the checkpoint: the next (epoch, batch) to run, the bests so far.
+        # Progress (PROGRESS, saved in the checkpoint): the next (epoch, batch) to run, the bests so far.
         self.epoch, self.batch = 0, 0
         self.epoch_elapsed, self.epoch_loss = 0.0, 0.0
-        self.best = {}          # metric -> best validation value so far
-        self.best_epoch = {}    # metric -> epoch it came from
-        self.kept_state = None  # the kept model (state dict on CPU) and the epoch it came from
-        self.kept_epoch = None
-        self.bad_count = 0
-        self.stopped_early = False
-        self.epoch_seconds = []
-        self.epoch_losses = []
-        self.history = []       # one dict per validation: epoch, loss, seconds, metrics
+        self.best, self.best_epoch = {}, {}  # metric -> best validation value so far, and its epoch
+        self.kept_state, self.kept_epoch = None, None  # the kept model (state dict on CPU) and its epoch
+        self.bad_count, self.stopped_early = 0, False
+        self.epoch_seconds, self.epoch_losses = [], []
+        self.history = []  # one dict per validation: epoch, loss, seconds, metrics
         self.resumed = False
         self._stop_after_epoch = False
         self.board = None
@@ -93,16 +95,11 @@ class Trainer:
         return {
             'model': self.module.state_dict(),
             'kept_model': self.kept_state,
-            'kept_epoch': self.kept_epoch,
             'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(),
             'sampler': self.module.sampler.state_dict() if self.module.sampler is not None else None,
             'rng': utils.rng_state(),
-            'epoch': self.epoch, 'batch': self.batch,
-            'epoch_elapsed': self.epoch_elapsed, 'epoch_loss': self.epoch_loss,
-            'best': self.best, 'best_epoch': self.best_epoch, 'bad_count': self.bad_count,
-            'stopped_early': self.stopped_early,
-            'epoch_seconds': self.epoch_seconds, 'epoch_losses': self.epoch_losses, 'history': self.history,
+            **{key: getattr(self, key) for key in PROGRESS},
             'config': utils.config_dict(self.cfg),
             'data_checksum': self.data_checksum,
             'n_items': self.module.n_items,
@@ -115,8 +112,7 @@ class Trainer:
         self.scheduler.load_state_dict(state['scheduler'])
         if state['sampler'] is not None:
             self.module.sampler.load_state_dict(state['sampler'])
-        for key in ('kept_epoch', 'epoch', 'batch', 'epoch_elapsed', 'epoch_loss', 'best', 'best_epoch',
-                    'bad_count', 'stopped_early', 'epoch_seconds', 'epoch_losses', 'history'):
+        for key in PROGRESS:
             setattr(self, key, state[key])
         self.kept_state = state['kept_model']
         self.stopper.timing.update(state.get('timing') or {})  # absent from checkpoints older than --time_limit
@@ -137,7 +133,8 @@ class Trainer:
         """Train until `epochs` or early stopping. Raises RunStopped on an interrupt or a non-finite loss,
         TimeUp when the budget runs out; before the test when the test would not fit in the time left
         (a resumed run then only tests)."""
-        self.open_board()
+        if self.cfg.tensorboard and self.rank == 0:
+            self.board = open_board(self.cfg.tensorboard, len(self.epoch_losses) if self.resumed else None, self.log)
         try:
             with self.stopper.watching(self.log):
                 self._fit()
@@ -145,18 +142,11 @@ class Trainer:
             if self.board is not None:
                 self.board.close()
 
-    def open_board(self):
-        """With --tensorboard, rank 0's board; a resumed run logs from the first epoch its checkpoint has not
-        trained, and TensorBoard hides what an earlier process logged from there on."""
-        if self.cfg.tensorboard and self.rank == 0:
-            from board import Board
-            self.board = Board(self.cfg.tensorboard, purge_step=len(self.epoch_losses) if self.resumed else None)
-            self.log(f'TensorBoard scalars written to {self.cfg.tensorboard}')
-
     def _fit(self):
         while self.epoch < self.cfg.epochs and not self.stopped_early:
             if self.batch < self.n_batches:
-                if self.stopper.runs_out(self._batches_to_check(self.batch) * (self.stopper.timing['step'] or 0.0)):
+                batches = batches_to_check(self.batch, self.world, self.n_batches)
+                if self.stopper.runs_out(batches * (self.stopper.timing['step'] or 0.0)):
                     self._stop()
                 self.train_epoch()
                 if self._stop_after_epoch:  # resumes with this epoch's validation, if one is due
@@ -181,13 +171,6 @@ class Trainer:
             self.log(f'time limit: stopping {where}, writing the checkpoint')
         self.save()
         raise self.stopper.error(where, self.run_dir)
-
-    def _batches_to_check(self, b):
-        """Batches from batch b (the next to run) through the next point where the run may stop: 1 with one
-        process; with several, the next check point of train_epoch (every CHECK_EVERY-th batch, the last)."""
-        if self.world == 1:
-            return 1
-        return min(-(-b // CHECK_EVERY) * CHECK_EVERY, self.n_batches - 1) - b + 1
 
     def _test_seconds(self):
         """Estimated seconds of the test phase: the last validation's, scaled by the reverse steps, three times
@@ -261,8 +244,8 @@ class Trainer:
         loss. Several processes decide together, at check points only: a lone process would wait forever."""
         check = b % CHECK_EVERY == 0 or self.batch == self.n_batches
         if self.batch < self.n_batches and (self.world == 1 or check):  # the epoch's end is fit()'s to judge
-            self.stopper.time_up = self.stopper.short_of_time(self._batches_to_check(self.batch)
-                                                               * self.stopper.timing['step'])
+            batches = batches_to_check(self.batch, self.world, self.n_batches)
+            self.stopper.time_up = self.stopper.short_of_time(batches * self.stopper.timing['step'])
         stopping = self.stopper.stopping
         if self.world > 1:
             bad_step, stopping = self.stopper.agree(bad_step, self.n_batches) if check else (bad_step, False)
