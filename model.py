@@ -205,6 +205,6 @@ def foreign_flags(name):
 
 
 def build_model(cfg, n_items):
-    """The model named by the config's `model` (a main.py namespace or dict; absent = diffurec)."""
+    """The model named by the config's `model` (a main.py namespace, or a dict such as rundir.saved_config's)."""
     c = cfg if isinstance(cfg, dict) else vars(cfg)
-    return model_class(c.get('model', 'diffurec')).from_config(c, n_items)  # configs from before --model: DiffuRec
+    return model_class(c['model']).from_config(c, n_items)

@@ -106,8 +106,8 @@ def recommend(cfg, default_data_dir):
                          f'(training-sample checksum is not {expected})')
     if cfg.topk > n_items:
         raise ValueError(f'--topk {cfg.topk} exceeds the {n_items} items of {config["dataset"]}')
-    sample_steps = cfg.sample_steps if cfg.sample_steps is not None else config.get('sample_steps')
-    precision = cfg.precision or config.get('precision', 'fp32')
+    sample_steps = cfg.sample_steps if cfg.sample_steps is not None else config['sample_steps']
+    precision = cfg.precision or config['precision']
     if sample_steps is not None:
         run_model = model_class(config['model'])
         if 'sample_steps' not in run_model.own_flags:

@@ -7,8 +7,8 @@ reading of a run (its checkpoint, config, results and progress) for --resume, --
               log.txt        the run's log                     (utils.RunLog)
               results.json   the test metrics and the summary  (main.py, at the end: the run has finished)
 
-Checkpoints are not published, so there is one old format to know: configs saved before --model, --tensorboard
-and --approximator existed, whose values were DiffuRec, none and the transformer (OLD_CONFIG_DEFAULTS).
+Checkpoints are not published, so the old formats to know are the project's own earlier ones, all here: configs
+saved before a flag existed (OLD_CONFIG_DEFAULTS) and checkpoints from before --time_limit (OLD_CHECKPOINT_DEFAULTS).
 """
 import csv
 import datetime
@@ -22,7 +22,10 @@ import utils
 
 CONFIG, CHECKPOINT, METRICS, LOG, RESULTS = 'config.json', 'checkpoint.pt', 'metrics.csv', 'log.txt', 'results.json'
 # Flags added after the first checkpoints were written, with the value those runs had.
-OLD_CONFIG_DEFAULTS = {'model': 'diffurec', 'tensorboard': None, 'approximator': 'transformer'}
+OLD_CONFIG_DEFAULTS = {'model': 'diffurec', 'tensorboard': None, 'approximator': 'transformer', 'sample_steps': None,
+                       'precision': 'fp32'}
+# Checkpoint entries added later: the planning durations of --time_limit (none timed yet).
+OLD_CHECKPOINT_DEFAULTS = {'timing': {}}
 
 
 def check_run_dir(run_dir, flag):
@@ -36,14 +39,16 @@ def check_run_dir(run_dir, flag):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint with weights_only=True; a missing or corrupt file raises ValueError (one line)."""
+    """Load a checkpoint with weights_only=True, completed by OLD_CHECKPOINT_DEFAULTS; a missing or corrupt file
+    raises ValueError (one line)."""
     if not os.path.isfile(path):
         raise ValueError(f'no checkpoint at {path}; pass the run directory of a run that validated or was interrupted')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # corrupt, truncated, or not a checkpoint
         raise ValueError(f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); '
                          f'it is corrupt or not a checkpoint of this project') from None
+    return {**OLD_CHECKPOINT_DEFAULTS, **state} if isinstance(state, dict) else state
 
 
 def saved_config(run_dir, checkpoint):

@@ -115,7 +115,7 @@ class Trainer:
         for key in PROGRESS:
             setattr(self, key, state[key])
         self.kept_state = state['kept_model']
-        self.stopper.timing.update(state.get('timing') or {})  # absent from checkpoints older than --time_limit
+        self.stopper.timing.update(state['timing'])
         utils.set_rng_state(state['rng'])
         self.resumed = True
 

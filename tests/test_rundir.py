@@ -7,13 +7,24 @@ import rundir
 
 
 def test_saved_config_completes_an_old_config_and_falls_back_to_config_json(tmp_path):
-    old = {'dataset': 'toys', 'hidden_size': 16}  # a run from before --model, --tensorboard and --approximator
-    assert rundir.saved_config(str(tmp_path), {'config': old}) == {**old, 'model': 'diffurec',
-                                                                   'tensorboard': None, 'approximator': 'transformer'}
-    new = {**old, 'model': 'sasrec', 'tensorboard': 'tb', 'approximator': 'gru'}
+    old = {'dataset': 'toys', 'hidden_size': 16}  # a run from before --model, --tensorboard, --approximator, ...
+    assert rundir.saved_config(str(tmp_path), {'config': old}) == {
+        **old, 'model': 'diffurec', 'tensorboard': None, 'approximator': 'transformer', 'sample_steps': None,
+        'precision': 'fp32'}
+    new = {**old, 'model': 'sasrec', 'tensorboard': 'tb', 'approximator': 'gru', 'sample_steps': 4,
+           'precision': 'bf16'}
     assert rundir.saved_config(str(tmp_path), {'config': new}) == new  # a saved value is never replaced
     (tmp_path / rundir.CONFIG).write_text(json.dumps(new))
     assert rundir.saved_config(str(tmp_path), {'model': {}}) == new  # a checkpoint without its config
+
+
+def test_a_checkpoint_from_before_time_limit_loads_with_no_timing(tmp_path):
+    import torch
+    path = tmp_path / rundir.CHECKPOINT
+    torch.save({'model': {}, 'epoch': 3}, path)
+    assert rundir.load_checkpoint(str(path)) == {'model': {}, 'epoch': 3, 'timing': {}}
+    torch.save({'model': {}, 'timing': {'step': 1.5}}, path)
+    assert rundir.load_checkpoint(str(path))['timing'] == {'step': 1.5}
 
 
 def test_saved_config_without_a_readable_config_is_one_line(tmp_path):
