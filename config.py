@@ -36,7 +36,7 @@ EMPTY_MEANS = {'log_file', 'description'}
 
 # Flags that may change when a run is resumed: where and how it runs, not what it computes.
 RESUME_MAY_CHANGE = {'resume', 'device', 'num_gpu', 'data_dir', 'log_file', 'description', 'compile', 'out_dir',
-                     'time_limit', 'tensorboard'}
+                     'time_limit', 'tensorboard', 'test_both_protocols'}
 
 
 def build_parser():
@@ -66,6 +66,9 @@ def model_flags(parser):
     model.add_argument('--model', default='diffurec', choices=list(MODELS),
                        help='diffurec, or sasrec: the SASRec baseline trained with full cross-entropy, whose '
                             'defaults for flags not given are ' + ', '.join(f'{k} {v}' for k, v in MODELS['sasrec'].preset.items()))
+    model.add_argument('--preset', default='default', choices=['default', 'published'],
+                       help='sasrec: published takes, for the flags not given, the configuration published for '
+                            '--dataset (' + ', '.join(MODELS['sasrec'].published_presets) + '; docs/sasrec.md)')
     model.add_argument('--hidden_size', type=positive_int, default=128, help='embedding size d')
     model.add_argument('--heads', type=positive_int, default=4, help='attention heads (the reference fixes 4)')
     model.add_argument('--num_blocks', type=positive_int, default=4, help='transformer blocks of the Approximator')
@@ -135,6 +138,9 @@ def evaluation_flags(parser):
                     help='all corrections at once: --attention_mask key --no-rank_padding --exclude_history '
                          '--metric_average user --select_metric NDCG@10 --update_lossaware (one of these given '
                          'with another value is an error)')
+    ev.add_argument('--test_both_protocols', action='store_true',
+                    help='also test the kept model under the other --exclude_history setting: results.json gets '
+                         'test_history_ranked and test_history_excluded (model selection is unchanged)')
     ev.add_argument('--long_head', action='store_true', help='also test hot/cold and length groups of users')
     ev.add_argument('--diversity_measure', action='store_true',
                     help='category diversity of the test top-K (needs --category_file)')
@@ -204,9 +210,18 @@ def resolve(argv=None):
 
 
 def set_presets(parser, argv):
-    """The defaults of the model's preset and of --dataset synthetic on `parser`, for the flags argv does not give."""
+    """The defaults of the model's preset, of its published configuration for --dataset under --preset published,
+    and of --dataset synthetic on `parser`, for the flags argv does not give. ValueError when --preset published
+    names a dataset the model has no published configuration for."""
     known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**MODELS[known.model].preset)
+    cls = MODELS[known.model]
+    parser.set_defaults(**cls.preset)
+    published = getattr(cls, 'published_presets', None)
+    if known.preset == 'published' and published is not None:  # with another model --preset is refused later
+        if known.dataset not in published:
+            raise ValueError(f'--preset published: no published {cls.title} configuration for --dataset '
+                             f'{known.dataset} (there are for {", ".join(published)}); drop --preset')
+        parser.set_defaults(**published[known.dataset])
     if known.dataset == 'synthetic':  # after SASRec's: the short schedule wins
         parser.set_defaults(**SYNTHETIC_PRESET)
     return parser

@@ -109,7 +109,8 @@ def run(cfg, clock=time.monotonic):
                         if procs.world > 1 else ''))
     if is_smoke(cfg):
         log('smoke run: --limit_train_batches/--limit_eval_batches set, results are marked smoke')
-    excluded = {split: histories(data, split) for split in ('val', 'test')} if cfg.exclude_history else None
+    excluded = ({split: histories(data, split) for split in ('val', 'test')}
+                if cfg.exclude_history or cfg.test_both_protocols else None)
     trainer = Trainer(distribute(model, procs.device, procs.world), cfg, samples, run_dir, procs.device, log,
                       rank=procs.rank, world=procs.world, data_checksum=data_checksum, histories=excluded,
                       budget=budget)
@@ -206,11 +207,17 @@ def test_results(cfg, trainer, item_categories, log):
     if trainer.best:
         selection = summary['selection']
         rows = {'best valid': trainer.best, f'kept valid (epoch {selection["epoch"]})': selection['valid'], **rows}
+    by_protocol = {}
+    if cfg.test_both_protocols:
+        other = trainer.evaluate_split('test', model=final, exclude_history=not cfg.exclude_history)
+        excluded, ranked = (test, other) if cfg.exclude_history else (other, test)
+        by_protocol = {'test_history_ranked': ranked, 'test_history_excluded': excluded}
+        rows.update({'test, history ranked': ranked, 'test, history excluded': excluded})
     log('\n' + metrics_table(rows))
     diversity = diversity_metrics(torch.cat(topk_items), final.item_table.weight, final.n_items, item_categories)
     log('diversity of the test top-K: ' + '  '.join(f'{k} {v}' for k, v in diversity.items()))
-    return {'model': cfg.model, 'dataset': cfg.dataset, 'config': utils.config_dict(cfg), 'test': test, **summary,
-            'diversity': diversity}, final
+    return {'model': cfg.model, 'dataset': cfg.dataset, 'config': utils.config_dict(cfg), 'test': test,
+            **by_protocol, **summary, 'diversity': diversity}, final
 
 
 def long_head_results(cfg, trainer, final, data, log):

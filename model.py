@@ -22,7 +22,8 @@ class Recommender(Protocol):
     """What main.py, the trainer, bench.py and the evaluation loop ask of a model of --model (DiffuRec, SASRec).
 
     Class attributes: `name` (the --model value), `title` (for logs), `preset` (the defaults of the flags not
-    given on the command line), `own_flags` (flags no other model reads: given with another --model, an error).
+    given on the command line), `own_flags` (flags no other model reads: given with another --model, an error);
+    optionally `published_presets` ({dataset: the defaults --preset published sets on top of `preset`}).
     `sampler`: the timestep sampler whose state a checkpoint keeps, or None.
     Training: forward(seq (B, L), targets) -> (mean loss, per-row losses (B,), timesteps (B,) or None); a
     batch's weight in the epoch's mean loss is loss_units(targets) (its samples, or its real target positions).

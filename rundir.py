@@ -23,7 +23,8 @@ import utils
 CONFIG, CHECKPOINT, METRICS, LOG, RESULTS = 'config.json', 'checkpoint.pt', 'metrics.csv', 'log.txt', 'results.json'
 # Flags added after the first checkpoints were written, with the value those runs had.
 OLD_CONFIG_DEFAULTS = {'model': 'diffurec', 'tensorboard': None, 'approximator': 'transformer', 'sample_steps': None,
-                       'precision': 'fp32'}
+                       'precision': 'fp32', 'preset': 'default',
+                       'test_both_protocols': False}
 # Checkpoint entries added later: the planning durations of --time_limit (none timed yet).
 OLD_CHECKPOINT_DEFAULTS = {'timing': {}}
 

@@ -31,7 +31,14 @@ class SASRec(nn.Module):
     # validation is one forward pass per user, cheap enough to run often.
     preset = dict(hidden_size=64, num_blocks=2, heads=1, dropout=0.2, emb_dropout=0.2, hidden_act='relu',
                   batch_size=128, epochs=200, eval_interval=2, patience=5)
-    own_flags = ()
+    # --preset published: the configuration published for a dataset, over the preset (docs/sasrec.md gives
+    # the sources). Patience counts validations, so a validation every epoch makes it a count of epochs.
+    published_presets = {
+        'amazon_beauty': dict(num_blocks=1, dropout=0.2, emb_dropout=0.2, eval_interval=1, patience=50),
+        'toys': dict(num_blocks=1, dropout=0.2, emb_dropout=0.2, eval_interval=1, patience=50),
+        'ml-1m': dict(num_blocks=2, dropout=0.1, emb_dropout=0.1, max_len=200, eval_interval=1, patience=10),
+    }
+    own_flags = ('preset',)
     sampler = None  # no timesteps
 
     def __init__(self, n_items, max_len=50, hidden_size=64, num_blocks=2, heads=1, dropout=0.2,

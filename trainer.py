@@ -273,10 +273,13 @@ class Trainer:
         if hasattr(self.module.sampler, 'update_with_all_losses'):
             self.module.sampler.update_with_all_losses(t.cpu().numpy(), losses.cpu().numpy())
 
-    def evaluate_split(self, split, model=None, stop=None, topk_items=None, data=None):
+    def evaluate_split(self, split, model=None, stop=None, topk_items=None, data=None, exclude_history=None):
         """Metrics of `model` (default: the current one) on a split of self.samples, or on `data`
         (inputs, labels, histories) under the name `split` (the --long_head groups), with the run's settings.
-        With --exclude_history each row's history (self.histories[split]) is left out of its ranking."""
+        With exclude_history (default --exclude_history) each row's history (self.histories[split]) is left out
+        of its ranking."""
+        if exclude_history is None:
+            exclude_history = self.cfg.exclude_history
         if data is None:
             inputs, labels = self.samples[split]
             histories = self.histories.get(split)
@@ -284,7 +287,7 @@ class Trainer:
             inputs, labels, histories = data
         return evaluate(model or self.module, inputs, labels, sorted(self.cfg.metric_ks), self.cfg.batch_size,
                         self.device, metric_average=self.cfg.metric_average,
-                        histories=histories if self.cfg.exclude_history else None,
+                        histories=histories if exclude_history else None,
                         precision=self.cfg.precision, limit_batches=self.cfg.limit_eval_batches,
                         desc=split, rank=self.rank, world=self.world, stop=stop,
                         sample_steps=self.sample_steps(split), topk_items=topk_items)

@@ -266,6 +266,10 @@ def test_seeds_errors(tmp_path, capsys):
     assert aggregate_results({7: {'dataset': 'd', 'test': {'HR@5': 2.0}, 'diversity': {'ild@1': None}}}) == \
         {'dataset': 'd', 'seeds': [7], 'std': 'sample standard deviation (n - 1)',
          'metrics': {'HR@5': {'mean': 2.0, 'std': None, 'values': [2.0]}}}
+    both = {s: {'dataset': 'd', 'test': {'HR@5': v}, 'test_history_ranked': {'HR@5': v},
+                'test_history_excluded': {'HR@5': v + 1}, 'diversity': {}} for s, v in ((1, 2.0), (2, 4.0))}
+    assert {k: m['mean'] for k, m in aggregate_results(both)['metrics'].items()} == \
+        {'HR@5': 3.0, 'history ranked HR@5': 3.0, 'history excluded HR@5': 4.0}
 
 
 def test_recommend_samples_as_the_run_did_unless_told_otherwise(tmp_path, monkeypatch):

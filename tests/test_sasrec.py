@@ -140,5 +140,48 @@ def test_every_registered_model_keeps_the_interface_and_names_real_flags():
         assert cls.name == name
         assert all(hasattr(cls, part) for part in methods + ['name', 'title', 'preset', 'own_flags']), name
         assert set(cls.preset) <= flags and set(cls.own_flags) <= flags, name
+        assert all(set(p) <= flags for p in getattr(cls, 'published_presets', {}).values()), name
         assert not set(cls.own_flags) & set(foreign_flags(name)), name  # a flag has one owner
     assert foreign_flags('sasrec')['diffusion_steps'] is MODELS['diffurec']
+
+
+def test_published_presets_set_the_flags_not_given_for_their_dataset():
+    """--preset published takes the dataset's published configuration over SASRec's preset; a flag given
+    wins; a dataset without one, or another --model, is a one-line error; the default changes nothing."""
+    import config
+    sasrec = ['--model', 'sasrec', '--preset', 'published']
+    for dataset, published in SASRec.published_presets.items():
+        cfg = vars(config.resolve(sasrec + ['--dataset', dataset]))
+        assert {k: cfg[k] for k in published} == published, dataset
+        general = {k: v for k, v in SASRec.preset.items() if k not in published}
+        assert {k: cfg[k] for k in general} == general, dataset
+        assert cfg['preset'] == 'published'
+    ml = config.resolve(sasrec + ['--dataset', 'ml-1m'])
+    assert (ml.max_len, ml.num_blocks, ml.dropout, ml.eval_interval, ml.patience) == (200, 2, 0.1, 1, 10)
+    beauty = config.resolve(sasrec + ['--dataset', 'amazon_beauty', '--patience', '7', '--num_blocks', '3'])
+    assert (beauty.patience, beauty.num_blocks, beauty.eval_interval) == (7, 3, 1)
+    default = config.resolve(['--model', 'sasrec', '--dataset', 'amazon_beauty'])
+    assert (default.preset, default.num_blocks, default.eval_interval, default.patience) == ('default', 2, 2, 5)
+    with pytest.raises(ValueError, match='no published SASRec configuration for --dataset steam'):
+        config.resolve(sasrec + ['--dataset', 'steam'])
+    with pytest.raises(ValueError, match='--preset configures SASRec and does not apply to --model diffurec'):
+        config.resolve(['--dataset', 'toys', '--preset', 'published'])
+
+
+def test_both_protocols_test_the_kept_model_with_and_without_history(tmp_path):
+    """--test_both_protocols: one run gives the test row of the other --exclude_history setting too. Two runs
+    that differ only in --exclude_history train alike and keep the same epoch (one validation), so each one's
+    second row is the other's first."""
+    runs = {}
+    for exclude in (False, True):
+        out = str(tmp_path / f'exclude_{exclude}')
+        assert main.main(['--model', 'sasrec', '--dataset', 'synthetic', '--epochs', '3', '--eval_interval', '2',
+                          '--test_both_protocols', '--out_dir', out, '--log_file', '']
+                         + ['--exclude_history'] * exclude) == 0
+        with open(os.path.join(out, 'results.json')) as f:
+            runs[exclude] = json.load(f)
+    plain, excluding = runs[False], runs[True]
+    assert plain['epoch_losses'] == excluding['epoch_losses'] and plain['kept_epoch'] == excluding['kept_epoch'] == 2
+    assert plain['test_history_ranked'] == plain['test'] == excluding['test_history_ranked']
+    assert excluding['test_history_excluded'] == excluding['test'] == plain['test_history_excluded']
+    assert plain['test_history_excluded'] != plain['test']  # synthetic histories hold high-scoring items
