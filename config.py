@@ -227,6 +227,11 @@ def set_presets(parser, argv):
     return parser
 
 
+def is_smoke(cfg):
+    """Whether a config makes a smoke run (--limit_train_batches or --limit_eval_batches): results.json marks it."""
+    return bool(cfg.limit_train_batches or cfg.limit_eval_batches)
+
+
 def check_config(cfg):
     """Reject impossible flag values before any work: raises ValueError with one line naming the fix."""
     if cfg.hidden_size % cfg.heads:

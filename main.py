@@ -19,7 +19,7 @@ import rundir
 import utils
 from board import require_tensorboard
 from aggregate import aggregate_results, aggregate_table
-from config import check_config, resolve
+from config import check_config, is_smoke, resolve
 from data import (DEFAULT_DATA_DIR, DataError, build_samples, check_available, group_users, histories,
                   load_dataset, load_item_categories, samples_checksum)
 from metrics import diversity_metrics, metric_names, metrics_table
@@ -52,7 +52,7 @@ def check_start(cfg):
         utils.writable_dir(cfg.tensorboard, '--tensorboard', create=keep)
     if cfg.recommend:  # reads the run's own dataset; writes one file
         check_run_dir(cfg.recommend, '--recommend')
-        utils.writable_file(cfg.out or os.path.join(cfg.recommend, 'recommendations.csv'), '--out', create=keep)
+        utils.writable_file(rundir.recommendations_file(cfg.recommend, cfg.out), '--out', create=keep)
         return
     check_available(cfg.dataset, cfg.data_dir)
     if cfg.log_file:
@@ -92,10 +92,9 @@ def resume(trainer, cfg, data_checksum, rank, world):
 
 
 def run(cfg, clock=time.monotonic):
-    """One experiment from a parsed config: returns the results dict (also written to results.json).
-    clock: what --time_limit is counted on."""
+    """One experiment from a parsed config that check_start has passed: returns the results dict (also
+    written to results.json). clock: what --time_limit is counted on."""
     budget = TimeBudget(cfg.time_limit, clock) if cfg.time_limit else None  # counted from here: data loading included
-    check_start(cfg)
     if cfg.loss_lambda != 0.001:
         warnings.warn('--loss_lambda has no effect: the reference objective never uses it', stacklevel=1)
     procs = start_processes(cfg)
@@ -178,10 +177,6 @@ def open_run_dir(cfg, rank, world):
     return run_dir, log
 
 
-def is_smoke(cfg):
-    return bool(cfg.limit_train_batches or cfg.limit_eval_batches)
-
-
 def make_model(cfg, n_items, procs):
     """(the model on its device, compiled under --compile; its trainable parameter count). It is initialised
     alike on every process (same seed); from here on each process draws its own numbers."""
@@ -256,7 +251,6 @@ def run_seeds(cfg):
         raise ValueError('--seeds cannot be combined with --resume; resume each <out_dir>/seed_<S> run on its own')
     if cfg.time_limit:
         raise ValueError('--seeds cannot be combined with --time_limit; run each seed on its own with --random_seed')
-    check_config(cfg)
     rank, world, local_rank = utils.torchrun_env()
     if world > 1:  # joined here already, for the broadcast of the base folder; run() finds it joined
         check_world(cfg, world)
@@ -267,6 +261,7 @@ def run_seeds(cfg):
         one = argparse.Namespace(**{**vars(cfg), 'random_seed': seed, 'seeds': None,
                                     'out_dir': os.path.join(base, f'seed_{seed}'),
                                     'tensorboard': cfg.tensorboard and os.path.join(cfg.tensorboard, f'seed_{seed}')})
+        check_start(one)  # its own folders
         per_seed[seed] = run(one)
     aggregate = aggregate_results(per_seed)
     aggregate['runs'] = {str(seed): os.path.join(base, f'seed_{seed}') for seed in cfg.seeds}
@@ -298,7 +293,7 @@ def main(argv=None, clock=time.monotonic):
     together = False  # whether every process ends at the same point (not after an error of one of them)
     try:
         cfg = resolve(argv)
-        check_start(cfg)  # before any work: each run of --seeds checks its own folders again
+        check_start(cfg)  # before any work: each run of --seeds checks its own folders again (run_seeds)
         run_command(cfg, clock)
         together = True
     except (ValueError, DataError) as e:

@@ -16,7 +16,7 @@ from config import check_sample_steps
 from data import DataError, build_samples, full_history_inputs, histories, load_dataset, samples_checksum
 from metrics import score_batches
 from model import build_model, model_class
-from rundir import CHECKPOINT, check_run_dir, load_checkpoint, saved_config
+from rundir import CHECKPOINT, check_run_dir, load_checkpoint, recommendations_file, saved_config
 
 CSV_FIELDS = ('user', 'rank', 'item', 'score')
 
@@ -114,7 +114,7 @@ def recommend(cfg, default_data_dir):
             raise ValueError(f'--sample_steps configures DiffuRec\'s sampling; the run in {run_dir} is '
                              f'{run_model.name}: drop it')
         check_sample_steps(sample_steps, config['diffusion_steps'], source="the run's --diffusion_steps")
-    out = cfg.out or os.path.join(run_dir, 'recommendations.csv')
+    out = recommendations_file(run_dir, cfg.out)
     device = utils.choose_device(cfg.device)
     utils.set_seed(cfg.random_seed)
     inputs = full_history_inputs(data, config['max_len'])

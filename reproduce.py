@@ -159,8 +159,7 @@ def run_dir(out, dataset, seed):
 
 def is_smoke(flags):
     """Whether main.py flags make smoke runs (results.json marks them 'smoke')."""
-    ns = main_parser().parse_args(flags)
-    return bool(ns.limit_train_batches or ns.limit_eval_batches)
+    return config.is_smoke(main_parser().parse_args(flags))
 
 
 def wall_seconds(summary):

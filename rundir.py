@@ -21,6 +21,7 @@ import torch
 import utils
 
 CONFIG, CHECKPOINT, METRICS, LOG, RESULTS = 'config.json', 'checkpoint.pt', 'metrics.csv', 'log.txt', 'results.json'
+RECOMMENDATIONS = 'recommendations.csv'  # --recommend's output unless --out is given
 # Flags added after the first checkpoints were written, with the value those runs had.
 OLD_CONFIG_DEFAULTS = {'model': 'diffurec', 'tensorboard': None, 'approximator': 'transformer', 'sample_steps': None,
                        'precision': 'fp32', 'preset': 'default',
@@ -89,6 +90,11 @@ def make_run_dir(cfg):
         while os.path.exists(path):
             path, suffix = os.path.join('runs', cfg.dataset, f'{stamp}-{suffix}'), suffix + 1
     return utils.writable_dir(path, '--out_dir')
+
+
+def recommendations_file(run_dir, out=None):
+    """Where --recommend RUN_DIR writes: --out if given, else RUN_DIR/recommendations.csv."""
+    return out or os.path.join(run_dir, RECOMMENDATIONS)
 
 
 def log_copy_name(dataset, run_dir):

@@ -72,9 +72,12 @@ def seeds_as_rank(monkeypatch, tmp_path, rank):
         calls.append(cfg.out_dir)
         return {'dataset': 'synthetic', 'test': dict(test), 'diversity': {}}
 
+    checked = []
     monkeypatch.setattr(main, 'run', fake_run)
+    monkeypatch.setattr(main, 'check_start', lambda cfg: checked.append(cfg.out_dir))  # it makes folders on rank 1
     cfg = config.resolve(QUICK + ['--seeds', '1', '2', '--out_dir', str(base)])
     main.run_seeds(cfg)
+    assert checked == calls  # each run's own folders are checked before it starts
     return base, calls
 
 

@@ -10,7 +10,7 @@ import main
 from diffurec import (GaussianDiffusion, GRUApproximator, LinearApproximator, RespacedDiffusion,
                       get_named_beta_schedule, respaced_timesteps, timestep_embedding)
 from model import DiffuRec
-from test_model import batch, small_model
+from test_model import batch, small_model, under_seed
 
 TINY = ['--dataset', 'synthetic', '--hidden_size', '32', '--num_blocks', '1', '--epochs', '2', '--eval_interval', '1',
         '--limit_train_batches', '2', '--limit_eval_batches', '1', '--batch_size', '64', '--max_len', '10',
@@ -130,12 +130,7 @@ def test_routing_scores_are_minus_the_clamped_squared_distance():
     inner, routing = small_model().eval(), small_model(rounding='routing').eval()  # the same weights
     seq, _ = batch()
     table = inner.item_table.weight
-    torch.manual_seed(7)
-    x0 = inner.sample(seq)
-    torch.manual_seed(7)
-    s_inner = inner.scores(seq)
-    torch.manual_seed(7)
-    s_routing = routing.scores(seq)
+    x0, s_inner, s_routing = (under_seed(7, fn, seq) for fn in (inner.sample, inner.scores, routing.scores))
     torch.testing.assert_close(s_inner, x0 @ table.t())
     torch.testing.assert_close(s_routing, -((x0[:, None] - table[None]) ** 2).sum(-1).clamp(min=0),
                                atol=1e-4, rtol=1e-5)
