@@ -583,12 +583,11 @@ def test_cli_nothing_survives_and_existing_output(tmp_path, capsys):
 
 # ------------------------------------------------------------ RecBole's atomic .inter file
 
-def _load_export():
+def _load_export(name="to_recbole"):
     # As when it runs as a script, its own folder (where prepare.py lies) is on the path.
     if str(ROOT / "datasets") not in sys.path:
         sys.path.append(str(ROOT / "datasets"))
-    spec = importlib.util.spec_from_file_location("diffurec_to_recbole",
-                                                  ROOT / "datasets" / "to_recbole.py")
+    spec = importlib.util.spec_from_file_location(f"diffurec_{name}", ROOT / "datasets" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -754,6 +753,23 @@ def test_recbole_config_matches_the_sasrec_defaults():
     assert cfg["filter_inter_by_user_or_item"] == "False" and cfg["rm_dup_inter"] == "~"
     assert cfg["data_path"] == "datasets/recbole/" == \
         to_recbole.DEFAULT_OUT_DIR.relative_to(ROOT).as_posix() + "/"
+
+
+def test_recbole_check_without_recbole_or_its_inputs_is_one_line(monkeypatch, capsys, tmp_path):
+    """datasets/recbole_check.py runs in RecBole's own environment: elsewhere, or with a missing config, it
+    says so in one line (exit 2) before any work, and reads the time limit as main.py does."""
+    check = _load_export("recbole_check")
+    monkeypatch.setitem(sys.modules, "recbole", None)  # as in an environment without RecBole: import fails
+    assert check.main(["amazon_beauty"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "RecBole is not installed" in err and "requirements-recbole.txt" in err
+    monkeypatch.setitem(sys.modules, "recbole", type(sys)("recbole"))  # present
+    assert check.main(["amazon_beauty", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --config {tmp_path / 'none.yaml'}: no such file"
+    assert check.main(["amazon_beauty", "--time_limit", "soon"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--time_limit" in err and "\n" not in err
+    assert check.DEFAULT_CONFIG == ROOT / "datasets" / "recbole_sasrec.yaml"
 
 
 # ----------------------------------------------------------- generator for benchmarks
