@@ -35,9 +35,9 @@ def plot_curves(path, epoch_losses, validations, names, kept_epoch=None):
     return True
 
 
-def plot_reproduction(path, runs, paper_ndcg10):
-    """reproduce.py's curves.png: validation NDCG@10 per epoch of every run, one subplot per dataset, the paper's
-    test NDCG@10 (paper_ndcg10: {dataset: value}) as a horizontal line. runs: {dataset: {seed: summary}}, a
+def plot_reproduction(path, runs, reference_ndcg10, reference):
+    """reproduce.py's curves.png: validation NDCG@10 per epoch of every run, one subplot per dataset, the
+    reference's test NDCG@10 (reference_ndcg10: {dataset: value}, named `reference`) as a horizontal line. runs: {dataset: {seed: summary}}, a
     summary holding 'status' and 'validations' (Trainer.history rows). Returns False (nothing written) without
     matplotlib."""
     try:
@@ -55,9 +55,9 @@ def plot_reproduction(path, runs, paper_ndcg10):
                 ax.plot([v['epoch'] for v in rows], [v['NDCG@10'] for v in rows], marker='.',
                         linestyle='-' if summary['status'] == 'finished' else ':',
                         label=f'seed {seed}' + ('' if summary['status'] == 'finished' else ' (unfinished)'))
-        if dataset in paper_ndcg10:
-            ax.axhline(paper_ndcg10[dataset], color='black', linestyle='--', linewidth=1,
-                       label='paper, test')
+        if dataset in reference_ndcg10:
+            ax.axhline(reference_ndcg10[dataset], color='black', linestyle='--', linewidth=1,
+                       label=f'{reference}, test')
         ax.set(xlabel='epoch', ylabel='validation NDCG@10 (%)', title=dataset)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

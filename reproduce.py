@@ -3,6 +3,8 @@
     python reproduce.py                                    # amazon_beauty toys ml-1m, seeds 1997 1 2
     python reproduce.py --time_limit 9m --device cuda      # a 9-minute slice; the same command continues
     python reproduce.py --out runs/reproduce --report      # table.md, table.json, curves.png of what finished
+    python reproduce.py --out runs/sasrec --model sasrec --preset published --test_both_protocols
+                                                           # SASRec beside the strongest published SASRec
 
 Each run lives in <out>/<dataset>/seed_<S>/ and is a `python main.py` subprocess with the reference's defaults
 (the authors' script takes only --dataset) plus every flag this script does not know, which is passed through.
@@ -45,6 +47,16 @@ PAPER_TABLE2 = {
     'ml-1m': [17.9659, 26.2647, 36.7870, 12.1150, 14.7909, 17.4386],
 }
 PAPER = {name: dict(zip(PAPER_METRICS, row)) for name, row in PAPER_TABLE2.items()}
+# What each --model's measured rows stand beside, in percent: the paper's DiffuRec row; for SASRec the strongest
+# published rows on the same preprocessed data, whose configurations --preset published sets (docs/sasrec.md):
+# the eSASRec benchmark's SASRec with sampled softmax (amazon_beauty, toys), Klenitskiy & Vasilev (ml-1m).
+REFERENCES = {
+    'diffurec': ("the paper's Table 2", PAPER),
+    'sasrec': ('published SASRec', {'amazon_beauty': {'HR@10': 9.21, 'NDCG@10': 5.31},
+                                    'toys': {'HR@10': 9.70, 'NDCG@10': 5.80},
+                                    'ml-1m': {'HR@10': 31.52}}),
+}
+TITLES = {'diffurec': 'DiffuRec', 'sasrec': 'SASRec'}
 
 # main.py flags this script sets for each run itself.
 OWN_MAIN_FLAGS = ('dataset', 'random_seed', 'out_dir', 'log_file', 'resume', 'seeds', 'recommend', 'time_limit')
@@ -55,7 +67,8 @@ PROGRESS_BAR = re.compile(r'\d+%\|')  # tqdm's lines on stderr, left out of the 
 
 
 def build_parser():
-    p = utils.ArgumentParser(prog='reproduce.py', description='Run DiffuRec on the paper\'s datasets and seeds and compare with the paper\'s Table 2. '
+    p = utils.ArgumentParser(prog='reproduce.py', description='Run DiffuRec on the paper\'s datasets and seeds and compare with the paper\'s Table 2 '
+                           '(with --model sasrec: with the published SASRec rows). '
                            'Every flag not listed here is passed to main.py (python main.py --help).',
                allow_abbrev=False)  # a prefix such as --seed must reach main.py, not become --seeds
     p.add_argument('--datasets', nargs='+', default=None, metavar='D',
@@ -339,20 +352,27 @@ def collect_runs(out, state):
     return runs
 
 
-def dataset_report(dataset, runs):
-    """table.json's entry of one dataset: the paper's row, the measured mean +- std over the finished seeds,
-    the relative difference, and each finished run's epochs, time, device."""
+def dataset_report(dataset, runs, reference=None):
+    """table.json's entry of one dataset: the reference row (`reference`: {metric: value}, or None), the
+    measured mean +- std over the finished seeds and its relative difference, the same under each history
+    protocol when the runs tested both (--test_both_protocols), and each finished run's epochs, time, device."""
     finished = {s: r['results'] for s, r in runs.items() if r['status'] == 'finished'}
-    entry = {'paper': PAPER.get(dataset), 'seeds': list(finished), 'measured': None, 'relative_difference': None,
+    entry = {'reference': reference, 'seeds': list(finished), 'measured': None, 'relative_difference': None,
              'runs': []}
+
+    def against_reference(measured):
+        return {m: round((measured[m]['mean'] - reference[m]) / reference[m] * 100, 2)
+                for m in measured if m in reference} if reference else None
     if finished:
         aggregate = aggregate_results(finished)
         names = [m for m in PAPER_METRICS if m in aggregate['metrics']] or list(next(iter(finished.values()))['test'])
         entry['measured'] = {m: aggregate['metrics'][m] for m in names}
-        if entry['paper']:
-            entry['relative_difference'] = {
-                m: round((entry['measured'][m]['mean'] - entry['paper'][m]) / entry['paper'][m] * 100, 2)
-                for m in names if m in entry['paper']}
+        entry['relative_difference'] = against_reference(entry['measured'])
+        for protocol in ('history ranked', 'history excluded'):
+            if all(f'{protocol} {m}' in aggregate['metrics'] for m in names):
+                measured = {m: aggregate['metrics'][f'{protocol} {m}'] for m in names}
+                entry.setdefault('by_history', {})[protocol] = {
+                    'measured': measured, 'relative_difference': against_reference(measured)}
     for seed, results in finished.items():
         entry['runs'].append({
             'seed': seed, 'epochs_run': results['epochs_run'], 'kept_epoch': results['kept_epoch'],
@@ -366,25 +386,30 @@ def markdown(report):
     flags = report['main_flags']
     flags = ('unknown (no reproduce.json)' if flags is None else f'`{shlex.join(flags)}`' if flags
              else 'none (the reference)')
-    lines = ['# DiffuRec: measured test metrics beside the paper\'s Table 2', '',
+    reference = report['reference']
+    lines = [f'# {TITLES[report["model"]]}: measured test metrics beside {reference}', '',
              f'Runs in `{report["out"]}`; main.py flags: {flags}.',
              'Percent. Measured: mean +- sample standard deviation (n - 1) over the finished seeds. '
-             'Difference: (measured - paper) / paper.', '']
+             'Difference: (measured - reference) / reference.', '']
     for dataset, entry in report['datasets'].items():
         lines += [f'## {dataset}', '']
-        names = list(entry['measured'] or entry['paper'] or PAPER_METRICS)
+        names = list(entry['measured'] or PAPER_METRICS)
         lines += ['| | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
-        if entry['paper']:
-            lines.append('| paper | ' + ' | '.join(f'{entry["paper"][m]:.4f}' for m in names) + ' |')
+        if entry['reference']:
+            lines.append(f'| {reference} | ' + ' | '.join(
+                f'{entry["reference"][m]:.4f}' if m in entry['reference'] else '' for m in names) + ' |')
         if entry['measured']:
             n = len(entry['seeds'])
-            lines.append(f'| measured, {n} seed{"s" if n > 1 else ""} | ' + ' | '.join(
-                f'{v["mean"]:.4f} +- ' + ('n/a' if v['std'] is None else f'{v["std"]:.4f}')
-                for v in entry['measured'].values()) + ' |')
-            if entry['relative_difference']:
-                lines.append('| difference | ' + ' | '.join(
-                    f'{entry["relative_difference"][m]:+.2f}%' if m in entry['relative_difference'] else ''
-                    for m in names) + ' |')
+            rows = [('', entry['measured'], entry['relative_difference'])] + [
+                (f', {protocol}', row['measured'], row['relative_difference'])
+                for protocol, row in entry.get('by_history', {}).items()]
+            for label, measured, difference in rows:
+                lines.append(f'| measured{label}, {n} seed{"s" if n > 1 else ""} | ' + ' | '.join(
+                    f'{v["mean"]:.4f} +- ' + ('n/a' if v['std'] is None else f'{v["std"]:.4f}')
+                    for v in measured.values()) + ' |')
+                if difference:
+                    lines.append('| difference | ' + ' | '.join(
+                        f'{difference[m]:+.2f}%' if m in difference else '' for m in names) + ' |')
             lines += ['', '| seed | epochs run | kept epoch | train + valid time | device | torch |',
                       '|---:|---:|---:|---:|---|---|']
             for run in entry['runs']:
@@ -404,6 +429,18 @@ def markdown(report):
     return '\n'.join(lines)
 
 
+def report_model(state, runs):
+    """The --model of the runs: from reproduce.json's main.py flags, else from a finished run, else DiffuRec."""
+    if state:
+        return main_parser().parse_args(state['main_flags']).model
+    finished = [r['results'] for seeds in runs.values() for r in seeds.values() if r['status'] == 'finished']
+    return finished[0].get('model', 'diffurec') if finished else 'diffurec'
+
+
+def is_inside(path, folder):
+    return os.path.commonpath([os.path.abspath(path), folder]) == folder
+
+
 def write_report(out):
     """table.md, table.json and curves.png in `out` from the runs there; returns the report dict."""
     state_path = os.path.join(out, STATE_FILE)
@@ -412,17 +449,21 @@ def write_report(out):
     if not runs:
         raise ValueError(f'nothing to report in {out}: no {STATE_FILE} and no <dataset>/seed_<S> run folders; '
                          f'start the runs with python reproduce.py --out {out}')
-    report = {'out': out, 'main_flags': state['main_flags'] if state else None,
-              'std': 'sample standard deviation (n - 1)', 'relative_difference': '(measured - paper) / paper, percent',
-              'datasets': {d: dataset_report(d, seeds) for d, seeds in runs.items()},
+    model = report_model(state, runs)
+    reference, table = REFERENCES[model]
+    report = {'out': os.path.relpath(out, REPO) if is_inside(out, REPO) else out, 'model': model,
+              'main_flags': state['main_flags'] if state else None, 'reference': reference,
+              'std': 'sample standard deviation (n - 1)',
+              'relative_difference': '(measured - reference) / reference, percent',
+              'datasets': {d: dataset_report(d, seeds, table.get(d)) for d, seeds in runs.items()},
               'unfinished': [{'dataset': d, 'seed': s, 'epoch': r['epoch'] if r['status'] != 'new' else None,
                               'started': os.path.isdir(run_dir(out, d, s))}
                              for d, seeds in runs.items() for s, r in seeds.items() if r['status'] != 'finished']}
     utils.write_json(report, os.path.join(out, 'table.json'))
     utils.write_atomic(os.path.join(out, 'table.md'), lambda f: f.write(markdown(report)))
     print(f'report written to {os.path.join(out, "table.md")} and table.json')
-    paper_ndcg10 = {d: PAPER[d]['NDCG@10'] for d in runs if d in PAPER}
-    if plot_reproduction(os.path.join(out, 'curves.png'), runs, paper_ndcg10):
+    reference_ndcg10 = {d: table[d]['NDCG@10'] for d in runs if 'NDCG@10' in table.get(d, {})}
+    if plot_reproduction(os.path.join(out, 'curves.png'), runs, reference_ndcg10, reference):
         print(f'validation curves written to {os.path.join(out, "curves.png")}')
     else:
         print('matplotlib is not installed: no curves.png (pip install matplotlib to get the curves)')

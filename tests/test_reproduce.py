@@ -53,7 +53,7 @@ def test_full_call_writes_the_table_with_mean_and_sample_std(finished):
     with open(finished / 'table.json') as f:
         table = json.load(f)
     entry = table['datasets']['synthetic']
-    assert entry['paper'] is None and entry['relative_difference'] is None  # synthetic is not in Table 2
+    assert entry['reference'] is None and entry['relative_difference'] is None  # synthetic is not in Table 2
     assert entry['seeds'] == [1, 2] and table['unfinished'] == []
     runs = [results(finished, 1), results(finished, 2)]
     for name in reproduce.PAPER_METRICS:
@@ -241,3 +241,35 @@ def test_a_real_time_limit_cuts_the_reproduction_into_calls_that_end_in_the_tabl
         values = [r['test'][name] for r in runs]
         assert entry['measured'][name]['mean'] == pytest.approx(statistics.mean(values), abs=1e-4)
         assert entry['measured'][name]['std'] == pytest.approx(statistics.stdev(values), abs=1e-4)
+
+
+def test_a_sasrec_reproduction_stands_beside_the_published_sasrec_under_both_protocols(tmp_path):
+    """--model sasrec --test_both_protocols: the table compares with the published SASRec rows (here under the
+    name toys, a folder holding synthetic data), with the history ranked and excluded, each row's difference
+    computed from the runs' own results.json."""
+    import pickle
+    from data import make_synthetic
+    (tmp_path / 'data' / 'toys').mkdir(parents=True)
+    with open(tmp_path / 'data' / 'toys' / 'dataset.pkl', 'wb') as f:
+        pickle.dump(make_synthetic(n_users=120, n_items=60, seed=2), f)
+    out = tmp_path / 'out'
+    flags = ['--model', 'sasrec', '--test_both_protocols', '--data_dir', str(tmp_path / 'data'), '--epochs', '2',
+             '--eval_interval', '1', '--hidden_size', '8', '--num_blocks', '1']
+    assert reproduce.main(['--datasets', 'toys', '--seeds', '1', '2', '--out', str(out), *flags]) == 0
+    table = json.loads((out / 'table.json').read_text())
+    assert (table['model'], table['reference']) == ('sasrec', 'published SASRec')
+    entry = table['datasets']['toys']
+    assert entry['reference'] == {'HR@10': 9.70, 'NDCG@10': 5.80}
+    runs = [json.loads((out / 'toys' / f'seed_{s}' / 'results.json').read_text()) for s in (1, 2)]
+    for protocol, key in (('history ranked', 'test_history_ranked'), ('history excluded', 'test_history_excluded')):
+        row = entry['by_history'][protocol]
+        mean = statistics.mean(r[key]['HR@10'] for r in runs)
+        assert row['measured']['HR@10']['mean'] == pytest.approx(mean, abs=1e-4)
+        assert row['relative_difference']['HR@10'] == pytest.approx((mean - 9.70) / 9.70 * 100, abs=0.01)
+        assert set(row['relative_difference']) == {'HR@10', 'NDCG@10'}
+    assert entry['by_history']['history ranked']['measured'] == entry['measured']  # the run's own protocol
+    md = (out / 'table.md').read_text()
+    assert md.startswith('# SASRec: measured test metrics beside published SASRec')
+    assert '| published SASRec |  | 9.7000 |' in md
+    assert '| measured, history excluded, 2 seeds |' in md and '| paper |' not in md
+    assert str(tmp_path) in md  # --out outside the repository is named as given
