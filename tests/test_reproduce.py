@@ -132,6 +132,17 @@ def test_report_lists_an_unfinished_run_and_does_not_average_it(finished, tmp_pa
                      r'\d:\d\d:\d\d elapsed, at most 0:00:00 left', capsys.readouterr().out)
 
 
+def test_the_report_names_a_folder_inside_the_repository_relative_to_it(finished, tmp_path, monkeypatch):
+    """table.md is committed as evidence: it names --out from the repository root, never by a machine's path."""
+    monkeypatch.setattr(reproduce, 'REPO', str(tmp_path))
+    out = tmp_path / 'runs' / 'table_here'
+    shutil.copytree(finished, out)
+    assert reproduce.main(['--out', str(out), '--report']) == 0
+    assert json.loads((out / 'table.json').read_text())['out'] == os.path.join('runs', 'table_here')
+    md = (out / 'table.md').read_text()
+    assert f'Runs in `{os.path.join("runs", "table_here")}`' in md and str(tmp_path) not in md
+
+
 def test_smoke_results_are_not_counted_in_a_real_reproduction(finished, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(finished, out)
