@@ -36,7 +36,8 @@ class SASRec(nn.Module):
     published_presets = {
         'amazon_beauty': dict(num_blocks=1, dropout=0.2, emb_dropout=0.2, eval_interval=1, patience=50),
         'toys': dict(num_blocks=1, dropout=0.2, emb_dropout=0.2, eval_interval=1, patience=50),
-        'ml-1m': dict(num_blocks=2, dropout=0.1, emb_dropout=0.1, max_len=200, eval_interval=1, patience=10),
+        'ml-1m': dict(num_blocks=2, dropout=0.1, emb_dropout=0.1, max_len=200, epochs=100, eval_interval=1,
+                      patience=10, select_metric='NDCG@10'),
     }
     own_flags = ('preset',)
     sampler = None  # no timesteps

@@ -157,7 +157,8 @@ def test_published_presets_set_the_flags_not_given_for_their_dataset():
         assert {k: cfg[k] for k in general} == general, dataset
         assert cfg['preset'] == 'published'
     ml = config.resolve(sasrec + ['--dataset', 'ml-1m'])
-    assert (ml.max_len, ml.num_blocks, ml.dropout, ml.eval_interval, ml.patience) == (200, 2, 0.1, 1, 10)
+    assert (ml.max_len, ml.num_blocks, ml.dropout, ml.epochs, ml.eval_interval, ml.patience, ml.select_metric) == \
+        (200, 2, 0.1, 100, 1, 10, 'NDCG@10')
     beauty = config.resolve(sasrec + ['--dataset', 'amazon_beauty', '--patience', '7', '--num_blocks', '3'])
     assert (beauty.patience, beauty.num_blocks, beauty.eval_interval) == (7, 3, 1)
     default = config.resolve(['--model', 'sasrec', '--dataset', 'amazon_beauty'])
