@@ -28,9 +28,10 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import config
 import utils
-from aggregate import aggregate_results
+from aggregate import PROTOCOLS, aggregate_results
 from plots import plot_reproduction
 from data import DataError, check_available, check_name
+from model import model_class
 from stopping import PAUSED
 from rundir import CHECKPOINT, progress, read_json
 
@@ -56,7 +57,6 @@ REFERENCES = {
                                     'toys': {'HR@10': 9.70, 'NDCG@10': 5.80},
                                     'ml-1m': {'HR@10': 31.52}}),
 }
-TITLES = {'diffurec': 'DiffuRec', 'sasrec': 'SASRec'}
 
 # main.py flags this script sets for each run itself.
 OWN_MAIN_FLAGS = ('dataset', 'random_seed', 'out_dir', 'log_file', 'resume', 'seeds', 'recommend', 'time_limit')
@@ -368,7 +368,7 @@ def dataset_report(dataset, runs, reference=None):
         names = [m for m in PAPER_METRICS if m in aggregate['metrics']] or list(next(iter(finished.values()))['test'])
         entry['measured'] = {m: aggregate['metrics'][m] for m in names}
         entry['relative_difference'] = against_reference(entry['measured'])
-        for protocol in ('history ranked', 'history excluded'):
+        for protocol in PROTOCOLS.values():
             if all(f'{protocol} {m}' in aggregate['metrics'] for m in names):
                 measured = {m: aggregate['metrics'][f'{protocol} {m}'] for m in names}
                 entry.setdefault('by_history', {})[protocol] = {
@@ -387,7 +387,7 @@ def markdown(report):
     flags = ('unknown (no reproduce.json)' if flags is None else f'`{shlex.join(flags)}`' if flags
              else 'none (the reference)')
     reference = report['reference']
-    lines = [f'# {TITLES[report["model"]]}: measured test metrics beside {reference}', '',
+    lines = [f'# {model_class(report["model"]).title}: measured test metrics beside {reference}', '',
              f'Runs in `{report["out"]}`; main.py flags: {flags}.',
              'Percent. Measured: mean +- sample standard deviation (n - 1) over the finished seeds. '
              'Difference: (measured - reference) / reference.', '']
