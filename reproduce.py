@@ -3,6 +3,7 @@
     python reproduce.py                                    # amazon_beauty toys ml-1m, seeds 1997 1 2
     python reproduce.py --time_limit 9m --device cuda      # a 9-minute slice; the same command continues
     python reproduce.py --out runs/reproduce --report      # table.md, table.json, curves.png of what finished
+    python reproduce.py --out runs/reproduce --export results/diffurec   # the report and the evidence to commit
     python reproduce.py --out runs/sasrec --model sasrec --preset published --test_both_protocols
                                                            # SASRec beside the strongest published SASRec
 
@@ -19,6 +20,7 @@ import collections
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,12 +35,15 @@ from plots import plot_reproduction
 from data import DataError, check_available, check_name
 from model import model_class
 from stopping import PAUSED
-from rundir import CHECKPOINT, progress, read_json
+from rundir import CHECKPOINT, CONFIG, LOG, METRICS, RESULTS, progress, read_json
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = ['amazon_beauty', 'toys', 'ml-1m']
 DEFAULT_SEEDS = [1997, 1, 2]
 STATE_FILE = 'reproduce.json'
+REPORT_FILES = ('table.md', 'table.json', 'curves.png')
+# What --export copies of a finished run: everything but its checkpoint.
+EVIDENCE = (RESULTS, METRICS, CONFIG, LOG, 'curves.png')
 
 PAPER_METRICS = ['HR@5', 'HR@10', 'HR@20', 'NDCG@5', 'NDCG@10', 'NDCG@20']
 # Table 2 of the paper, DiffuRec's row, in percent.
@@ -80,6 +85,9 @@ def build_parser():
                    help='budget of this call (seconds, or a number with s/m/h); when spent: checkpoints, exit 3')
     p.add_argument('--parallel', type=utils.positive_int, default=1, metavar='N', help='runs side by side')
     p.add_argument('--report', action='store_true', help='only write the report of the finished runs in --out')
+    p.add_argument('--export', default=None, metavar='DIR',
+                   help='write the report, then copy it and each finished run\'s evidence (no checkpoints) to DIR, '
+                        'naming paths inside the repository relative to it (e.g. results/diffurec)')
     return p
 
 
@@ -470,6 +478,37 @@ def write_report(out):
     return report
 
 
+def relative_to_repo(text):
+    """`text` with this repository's absolute path written relative to its root."""
+    return text.replace(REPO + os.sep, '')
+
+
+def export_evidence(out, dest):
+    """Copy the report of `out` and each finished run's EVIDENCE files to `dest` (same layout), the text files
+    with relative_to_repo, so that what is committed names no machine. Unfinished runs are left out."""
+    out, dest = os.path.abspath(out), os.path.abspath(dest)
+    if is_inside(dest, out):
+        raise ValueError(f'--export {dest}: a folder inside --out; choose another one, e.g. results/diffurec')
+    utils.writable_dir(dest, '--export')
+    report = write_report(out)
+    runs = [run_dir('', d, s) for d, entry in report['datasets'].items() for s in entry['seeds']]
+    written = 0
+    for name in list(REPORT_FILES) + [os.path.join(run, e) for run in runs for e in EVIDENCE]:
+        source, target = os.path.join(out, name), os.path.join(dest, name)
+        if not os.path.isfile(source):
+            continue  # curves.png without matplotlib
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if source.endswith('.png'):
+            shutil.copyfile(source, target)
+        else:
+            with open(source, encoding='utf-8') as f:
+                text = relative_to_repo(f.read())
+            utils.write_atomic(target, lambda f: f.write(text))
+        written += 1
+    print(f'{written} files of the report and {len(runs)} finished run(s) copied to {dest}')
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 def reproduce(argv, runner):
@@ -477,11 +516,14 @@ def reproduce(argv, runner):
     args, flags = parser.parse_known_args(argv)
     utils.check_not_empty(parser, args)
     out = os.path.abspath(args.out)
-    if args.report:
+    if args.report or args.export:
         extra = flags + [f'--{n}' for n in ('datasets', 'seeds', 'time_limit') if getattr(args, n) is not None]
         if extra:
-            raise ValueError(f'--report reads what is in --out; drop {extra[0]}')
-        write_report(out)
+            raise ValueError(f'--{"report" if args.report else "export"} reads what is in --out; drop {extra[0]}')
+        if args.export:
+            export_evidence(out, args.export)
+        else:
+            write_report(out)
         return 0
     check_main_flags(flags)
     state, existing = load_state(out, args, flags)

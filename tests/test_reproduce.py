@@ -143,6 +143,43 @@ def test_the_report_names_a_folder_inside_the_repository_relative_to_it(finished
     assert f'Runs in `{os.path.join("runs", "table_here")}`' in md and str(tmp_path) not in md
 
 
+def test_export_copies_the_report_and_finished_runs_without_checkpoints_or_machine_paths(finished, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """--export writes what results/ commits: the report and each finished run's evidence, no checkpoint, no
+    unfinished run, and the repository's own path written relative to it; everything else as the run wrote it."""
+    out = tmp_path / 'runs' / 'exported'
+    shutil.copytree(finished, out)
+    for path in out.rglob('*.*'):  # as if the runs had been made here, in the repository's runs/exported
+        if path.suffix in ('.json', '.csv', '.txt', '.md'):
+            path.write_text(path.read_text().replace(str(finished), str(out)))
+    os.remove(out / 'synthetic' / 'seed_2' / 'results.json')  # seed 2 unfinished
+    monkeypatch.setattr(reproduce, 'REPO', str(tmp_path))
+    dest = tmp_path / 'results' / 'exported'
+    assert reproduce.main(['--out', str(out), '--export', str(dest)]) == 0
+    copied = sorted(str(p.relative_to(dest)) for p in dest.rglob('*') if p.is_file())
+    assert copied == sorted(['table.md', 'table.json', 'curves.png'] + [
+        os.path.join('synthetic', 'seed_1', name)
+        for name in ('results.json', 'metrics.csv', 'config.json', 'log.txt', 'curves.png')])
+    for name in copied:
+        if not name.endswith('.png'):
+            assert str(tmp_path) not in (dest / name).read_text()
+    ran = json.loads((out / 'synthetic' / 'seed_1' / 'results.json').read_text())
+    exported = json.loads((dest / 'synthetic' / 'seed_1' / 'results.json').read_text())
+    assert ran['config']['out_dir'] == str(out / 'synthetic' / 'seed_1')
+    assert exported['config']['out_dir'] == os.path.join('runs', 'exported', 'synthetic', 'seed_1')
+    exported['config']['out_dir'] = ran['config']['out_dir']
+    assert exported == ran
+    log = (dest / 'synthetic' / 'seed_1' / 'log.txt').read_text()
+    assert f'run dir {os.path.join("runs", "exported", "synthetic", "seed_1")}' in log
+    assert (dest / 'synthetic' / 'seed_1' / 'curves.png').read_bytes() == \
+        (out / 'synthetic' / 'seed_1' / 'curves.png').read_bytes()
+    assert json.loads((dest / 'table.json').read_text())['unfinished'][0]['seed'] == 2
+    capsys.readouterr()
+    assert reproduce.main(['--out', str(out), '--export', str(out / 'evidence')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'a folder inside --out' in err and not (out / 'evidence').exists()
+
+
 def test_smoke_results_are_not_counted_in_a_real_reproduction(finished, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(finished, out)
