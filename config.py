@@ -131,7 +131,8 @@ def evaluation_flags(parser):
                          '(validation and test; default T)')
     ev.add_argument('--eval_sample_steps', type=int, default=None,
                     help='K for validation only (default: --sample_steps)')
-    ev.add_argument('--exclude_history', action='store_true', help='do not rank the items of the input sequence')
+    ev.add_argument('--exclude_history', action=argparse.BooleanOptionalAction, default=False,
+                    help="do not rank the items of the user's history (default: rank them, as the reference does)")
     ev.add_argument('--select_metric', default=None,
                     help='keep the model that is best on this one metric (e.g. NDCG@10) instead of any metric')
     ev.add_argument('--strict', action='store_true',

@@ -32,12 +32,14 @@ class SASRec(nn.Module):
     preset = dict(hidden_size=64, num_blocks=2, heads=1, dropout=0.2, emb_dropout=0.2, hidden_act='relu',
                   batch_size=128, epochs=200, eval_interval=2, patience=5)
     # --preset published: the configuration published for a dataset, over the preset (docs/sasrec.md gives
-    # the sources). Patience counts validations, so a validation every epoch makes it a count of epochs.
+    # the sources). Patience counts validations, so a validation every epoch makes it a count of epochs. Both
+    # sources leave the user's history out of validation and test, and stop on and keep one metric.
+    _esasrec_benchmark = dict(num_blocks=1, eval_interval=1, patience=50, exclude_history=True, select_metric='HR@10')
     published_presets = {
-        'amazon_beauty': dict(num_blocks=1, dropout=0.2, emb_dropout=0.2, eval_interval=1, patience=50),
-        'toys': dict(num_blocks=1, dropout=0.2, emb_dropout=0.2, eval_interval=1, patience=50),
+        'amazon_beauty': _esasrec_benchmark,
+        'toys': _esasrec_benchmark,
         'ml-1m': dict(num_blocks=2, dropout=0.1, emb_dropout=0.1, max_len=200, epochs=100, eval_interval=1,
-                      patience=10, select_metric='NDCG@10'),
+                      patience=10, exclude_history=True, select_metric='NDCG@10'),
     }
     own_flags = ('preset',)
     sampler = None  # no timesteps

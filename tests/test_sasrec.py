@@ -159,10 +159,15 @@ def test_published_presets_set_the_flags_not_given_for_their_dataset():
     ml = config.resolve(sasrec + ['--dataset', 'ml-1m'])
     assert (ml.max_len, ml.num_blocks, ml.dropout, ml.epochs, ml.eval_interval, ml.patience, ml.select_metric) == \
         (200, 2, 0.1, 100, 1, 10, 'NDCG@10')
+    assert ml.exclude_history
     beauty = config.resolve(sasrec + ['--dataset', 'amazon_beauty', '--patience', '7', '--num_blocks', '3'])
     assert (beauty.patience, beauty.num_blocks, beauty.eval_interval) == (7, 3, 1)
+    assert (beauty.exclude_history, beauty.select_metric, beauty.dropout) == (True, 'HR@10', 0.2)
+    ranked = config.resolve(sasrec + ['--dataset', 'toys', '--no-exclude_history'])
+    assert (ranked.exclude_history, ranked.select_metric) == (False, 'HR@10')
     default = config.resolve(['--model', 'sasrec', '--dataset', 'amazon_beauty'])
     assert (default.preset, default.num_blocks, default.eval_interval, default.patience) == ('default', 2, 2, 5)
+    assert (default.exclude_history, default.select_metric) == (False, None)
     with pytest.raises(ValueError, match='no published SASRec configuration for --dataset steam'):
         config.resolve(sasrec + ['--dataset', 'steam'])
     with pytest.raises(ValueError, match='--preset configures SASRec and does not apply to --model diffurec'):
