@@ -489,8 +489,8 @@ def export_evidence(out, dest):
     out, dest = os.path.abspath(out), os.path.abspath(dest)
     if is_inside(dest, out):
         raise ValueError(f'--export {dest}: a folder inside --out; choose another one, e.g. results/diffurec')
+    report = write_report(out)  # first: with nothing to report, nothing is made at dest
     utils.writable_dir(dest, '--export')
-    report = write_report(out)
     runs = [run_dir('', d, s) for d, entry in report['datasets'].items() for s in entry['seeds']]
     written = 0
     for name in list(REPORT_FILES) + [os.path.join(run, e) for run in runs for e in EVIDENCE]:
