@@ -1,4 +1,5 @@
-"""The documentation: README's links resolve, docs/flags.md lists every flag, no machine's paths, README's size."""
+"""The documentation: README's links resolve, docs/flags.md lists every flag, no machine's paths (nor in the
+committed evidence), README's size."""
 import re
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import main
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / 'README.md'
 DOCS = sorted((ROOT / 'docs').glob('*.md'))
-PAGES = [README, ROOT / 'datasets' / 'README.md', *DOCS]
+PAGES = [README, ROOT / 'datasets' / 'README.md', ROOT / 'results' / 'README.md', *DOCS]
+# The committed evidence of measured runs (reproduce.py --export), text files.
+EVIDENCE = sorted(p for p in (ROOT / 'results').rglob('*') if p.suffix in ('.json', '.csv', '.txt', '.md'))
 
 # [text](target) and ![alt](target); the target stops at whitespace or the closing parenthesis.
 LINK = re.compile(r'!?\[[^\]]*\]\(([^)\s]+)\)')
@@ -96,6 +99,13 @@ def test_absolute_path_pattern(text, found):
 def test_no_absolute_paths_of_a_machine(page):
     hits = [line for line in page.read_text(encoding='utf-8').splitlines() if ABSOLUTE.search(line)]
     assert not hits, f'{page.name}: {hits}'
+
+
+def test_committed_evidence_names_no_machine_path():
+    assert len(EVIDENCE) >= 5  # at least one run's results.json, metrics.csv, config.json, log.txt and an index
+    hits = [f'{p.relative_to(ROOT)}: {line.strip()}' for p in EVIDENCE
+            for line in p.read_text(encoding='utf-8').splitlines() if ABSOLUTE.search(line)]
+    assert not hits, hits[:3]
 
 
 def test_readme_is_a_front_page():
