@@ -228,11 +228,31 @@ def keep_mask(shape, p, device):
     return (words.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)
 
 
+# Floating dtypes whose scaled keep masks scaled_keep_mask builds as integers of the same width.
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+                   torch.float64: torch.int64}
+
+
+def scaled_keep_mask(shape, p, dtype, device):
+    """keep_mask as `dtype`: 1 / (1 - p) where an element is kept, 0 where it is dropped.
+
+    The values are those of ``keep_mask(...).to(dtype) * (1 / (1 - p))``, built as the scale's bit pattern
+    times the 0/1 mask in an integer type of the same width and viewed as `dtype`: a bool-to-bfloat16 cast
+    is a slow path on the CPU, an integer product is not (docs/performance.md).
+    """
+    keep = keep_mask(shape, p, device)
+    scale = torch.ones((), dtype=dtype) * (1.0 / (1.0 - p))  # rounded as the float product rounds a 1
+    int_type = _SAME_WIDTH_INT.get(dtype)
+    if int_type is None:
+        return keep.to(dtype) * scale.item()
+    return keep.to(int_type).mul_(scale.view(int_type).item()).view(dtype)
+
+
 def dropout(x, p, training):
     """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p)."""
     if not training or p == 0.0:
         return x
-    return x * (keep_mask(x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p)))
+    return x * scaled_keep_mask(x.shape, p, x.dtype, x.device)
 
 
 class Dropout(nn.Module):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from diffurec import Dropout, keep_mask, onednn_linear_works
+from diffurec import Dropout, keep_mask, onednn_linear_works, scaled_keep_mask
 from model import DiffuRec
 from spec_reference import PlainApproximator, plain_embed, plain_reverse
 from metrics import evaluate, label_ranks, rank_metrics
@@ -227,6 +227,25 @@ def test_dropout_keep_rate_and_scale():
     m = keep_mask((1_000_000,), 0.5, 'cpu').view(-1, 4).float()
     corr = torch.corrcoef(m.t())
     assert (corr - torch.eye(4)).abs().max() < 0.01
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_scaled_keep_mask_equals_the_cast_mask_times_the_scale_bit_for_bit(dtype):
+    """The integer-built mask must give the values of the float cast and product it replaces, so that a
+    training run cut before the change and resumed after it trains as the uncut one."""
+    for p in (0.1, 0.2, 0.3, 0.5, 1 / 3, 0.05, 0.9):
+        torch.manual_seed(3)
+        built = scaled_keep_mask((7, 1001), p, dtype, 'cpu')
+        torch.manual_seed(3)
+        expected = keep_mask((7, 1001), p, 'cpu').to(dtype) * (1.0 / (1.0 - p))
+        assert built.dtype == dtype and built.shape == (7, 1001)
+        assert torch.equal(built.view(-1), expected.view(-1))
+        assert sorted(torch.unique(built).tolist())[0] == 0.0 and len(torch.unique(built)) == 2
+    x = torch.randn(64, 50, dtype=dtype)
+    torch.manual_seed(5)
+    y = Dropout(0.2).train()(x)
+    torch.manual_seed(5)
+    assert torch.equal(y, x * (keep_mask(x.shape, 0.2, 'cpu').to(dtype) * (1.0 / 0.8)))
 
 
 def test_metric_golden_example():
