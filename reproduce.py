@@ -229,8 +229,10 @@ def progress_line(dataset, seed, summary):
 class SubprocessRunner:
     """Runs one main.py piece: runner(cmd, cwd, path) -> (exit status, last stderr lines).
 
-    The piece's stdout is appended to <path>/stdout.txt (main.py also writes its log.txt there);
-    its stderr is read as it comes (progress bars included) and only the last lines are kept.
+    The piece's stdout (its log: epochs, validations, test) is appended to <path>/stdout.txt (main.py also
+    writes its log.txt there) and shown on this process's stdout, each line after "<dataset> seed <S>: ",
+    so that a run of hours shows its epochs as they end; its stderr is read as it comes (progress bars
+    included) and only the last lines are kept.
     stop() asks every running piece to write its checkpoint and exit (SIGTERM, which main.py handles).
     """
 
@@ -240,15 +242,21 @@ class SubprocessRunner:
 
     def __call__(self, cmd, cwd, path):
         tail = collections.deque(maxlen=STDERR_TAIL)
+        label = f'{os.path.basename(os.path.dirname(path))} {os.path.basename(path).replace("_", " ")}'
         with open(os.path.join(path, 'stdout.txt'), 'a') as out:
-            proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.PIPE, text=True, errors='replace')
+            proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    errors='replace')
+            echo = threading.Thread(target=show_lines, args=(proc.stdout, out, label), daemon=True)
+            echo.start()
             with self.lock:
                 self.procs.add(proc)
             try:
                 for line in proc.stderr:
                     tail.extend(part for part in line.replace('\r', '\n').split('\n')
                                 if part.strip() and not PROGRESS_BAR.search(part))
-                return proc.wait(), list(tail)
+                code = proc.wait()
+                echo.join()
+                return code, list(tail)
             finally:
                 with self.lock:
                     self.procs.discard(proc)
@@ -270,6 +278,14 @@ def piece_command(path, dataset, seed, flags, seconds):
     if seconds is not None:
         args += ['--time_limit', f'{int(seconds)}s']
     return [sys.executable, 'main.py'] + args
+
+
+def show_lines(stream, log, label):
+    """Each line of `stream`: appended to the file `log` as it is, and printed after "label: "."""
+    for line in stream:
+        log.write(line)
+        log.flush()
+        print(f'{label}: {line.rstrip()}', flush=True)
 
 
 def run_all(todo, out, flags, parallel, budget, runner):

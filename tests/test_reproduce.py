@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import statistics
+import sys
 import time
 
 import pytest
@@ -241,6 +242,26 @@ def test_a_failing_piece_stops_the_call_with_its_status_and_lines(tmp_path, caps
     err = capsys.readouterr().err
     assert 'synthetic seed 1: main.py exited with status 2' in err and 'error: something went wrong' in err
     assert not (tmp_path / 'table.md').exists()
+
+
+def test_a_piece_shows_its_log_lines_as_they_come_and_keeps_them_in_stdout_txt(tmp_path, capsys):
+    """The real runner: stdout lines reach the console after the run's name, and stdout.txt; the stderr
+    tail keeps error lines but not progress bars."""
+    path = tmp_path / 'toys' / 'seed_7'
+    path.mkdir(parents=True)
+    (path / 'stdout.txt').write_text('from the piece before\n')
+    script = ("import sys\n"
+              "print('epoch    0  loss 9.5000  1.0s', flush=True)\n"
+              "sys.stderr.write('train:  50%|#####     | 1/2 [00:01<00:01]\\r')\n"
+              "print('valid epoch 0: HR@10 1.0', flush=True)\n"
+              "sys.stderr.write('error: the last words\\n')\n"
+              "sys.exit(4)\n")
+    code, tail = reproduce.SubprocessRunner()([sys.executable, '-c', script], str(tmp_path), str(path))
+    assert code == 4 and tail == ['error: the last words']
+    out = capsys.readouterr().out
+    assert out.splitlines() == ['toys seed 7: epoch    0  loss 9.5000  1.0s', 'toys seed 7: valid epoch 0: HR@10 1.0']
+    assert (path / 'stdout.txt').read_text() == ('from the piece before\nepoch    0  loss 9.5000  1.0s\n'
+                                                 'valid epoch 0: HR@10 1.0\n')
 
 
 def test_sigterm_stops_the_call_without_calling_the_stopped_piece_an_error(tmp_path, capsys):
