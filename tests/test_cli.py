@@ -96,10 +96,10 @@ class Evil:
 
 
 @pytest.mark.parametrize('case, args, message', [
-    ('missing', ['--dataset', 'mine'], 'mine'),
-    ('corrupt', ['--dataset', 'corrupt'], 'corrupt'),
+    ('missing', ['--dataset', 'mine'], 'file is missing'),
+    ('corrupt', ['--dataset', 'corrupt'], 'not a readable pickle'),
     ('evil', ['--dataset', 'evil'], 'module'),
-    ('structure', ['--dataset', 'broken'], 'val'),
+    ('structure', ['--dataset', 'broken'], 'val[0] must be a list of exactly one'),
     ('flags', ['--dataset', 'synthetic', '--hidden_size', '30'], 'divisible'),
     ('flags', ['--dataset', 'synthetic', '--dropout', '1.5'], 'dropout'),
     ('flags', ['--dataset', 'synthetic', '--lr', '-1'], 'lr'),

@@ -146,7 +146,7 @@ def test_recommend_errors_are_one_line(mapped, tmp_path, capsys):
         pickle.dump(changed, f)
     for argv, message in (([str(tmp_path / 'missing')], 'no such run directory'),
                           ([str(tmp_path / 'empty')], 'no checkpoint'),
-                          ([str(tmp_path / 'corrupt')], 'corrupt'),
+                          ([str(tmp_path / 'corrupt')], 'cannot be read'),
                           ([run_dir, '--data_dir', str(other)], 'differs from the data'),
                           ([run_dir, '--topk', '61'], 'topk'),
                           ([run_dir, '--seeds', '1', '2'], 'seeds')):

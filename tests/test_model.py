@@ -1,13 +1,15 @@
 """The fast model against the plain spec implementation (tests/spec_reference.py), and the reference quirks."""
 import contextlib
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from diffurec import Dropout, keep_mask, onednn_linear_works, scaled_keep_mask
+from diffurec import Dropout, keep_mask, linear, onednn_linear_works, scaled_keep_mask
 from model import DiffuRec
 from spec_reference import PlainApproximator, plain_embed, plain_reverse
 from metrics import evaluate, label_ranks, rank_metrics
@@ -50,9 +52,7 @@ def test_fast_approximator_equals_plain_spec(mask, mode):
     x_t, t = torch.randn(len(seq), 16), torch.randint(0, 8, (len(seq),))
     lam = torch.randn(len(seq), 7, 16) * 0.5
     ts = model.diffusion.scale_timesteps(t)
-    if mode == 'inference':
-        if not onednn_linear_works():  # then inference runs the plain layers: the 'eval' case
-            pytest.skip('this torch has no working torch.ops.mkldnn._linear_pointwise')
+    if mode == 'inference':  # the fused products, or the plain layers where the kernel does not work
         with torch.inference_mode():
             fast = model.approximator(h.detach(), x_t, ts, m, lam=lam)
     else:
@@ -67,12 +67,24 @@ def test_fast_approximator_equals_plain_spec(mask, mode):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_the_fused_cpu_kernel_works_in_fp32_on_x86():
+    """The CPU evaluation speed of docs/performance.md rests on oneDNN's fused linear kernel, internal to
+    torch: on an x86-64 CPU it must be there and agree with F.linear in fp32, so that a torch that drops or
+    changes it fails here rather than slowing evaluation down unnoticed."""
+    if platform.machine().lower() in ('x86_64', 'amd64'):
+        assert onednn_linear_works(torch.float32)
+    with torch.inference_mode():  # fused or not, the inference layer is the linear layer and its GELU
+        layer = torch.nn.Linear(8, 4)
+        x = torch.randn(3, 8)
+        torch.testing.assert_close(linear(layer, x, 'gelu'), F.gelu(F.linear(x, layer.weight, layer.bias),
+                                                                     approximate='tanh'), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize('hidden_act', ['gelu', 'relu'])
 def test_fused_inference_products_equal_the_plain_layers(hidden_act):
     """diffurec.linear in inference (bias, activation, residual inside oneDNN's product) against the same
-    model with autograd recording (plain nn.Linear), through the whole reverse process."""
-    if not onednn_linear_works():
-        pytest.skip('this torch has no working torch.ops.mkldnn._linear_pointwise')
+    model with autograd recording (plain nn.Linear), through the whole reverse process. Where the kernel
+    does not work, inference takes the plain layers, which must agree as well."""
     model = small_model(hidden_act=hidden_act).eval()
     seq, _ = batch()
     h, m = model.embed(seq)

@@ -483,8 +483,11 @@ def test_failed_write_keeps_old_dataset(tmp_path):
     ds, stats = prep.preprocess(prep.Log.from_records("aaabbb", "xyzxyz", range(6)), 0)
     prep.write_dataset(ds, stats, tmp_path)
     before = (tmp_path / "dataset.pkl").read_bytes()
-    with pytest.raises(Exception):
-        prep.write_dataset({"train": lambda: 0}, stats, tmp_path, overwrite=True)
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("fails halfway through the write")
+    with pytest.raises(RuntimeError, match="fails halfway"):  # raised while the new file is being written
+        prep.write_dataset({"train": Unpicklable()}, stats, tmp_path, overwrite=True)
     assert (tmp_path / "dataset.pkl").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.pkl", "stats.json"]
     with pytest.raises(PrepareError, match="already exists; pass --overwrite"):

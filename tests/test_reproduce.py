@@ -125,7 +125,7 @@ def test_report_lists_an_unfinished_run_and_does_not_average_it(finished, tmp_pa
     # The next call resumes it from its checkpoint, after a progress line read from that checkpoint.
     recorder = Recorder(0)
     capsys.readouterr()
-    reproduce.main(['--out', str(out), *FLAGS], runner=recorder)
+    assert reproduce.main(['--out', str(out), *FLAGS], runner=recorder) == 0
     [cmd] = recorder.commands
     assert cmd[1:] == ['main.py', '--resume', str(out / 'synthetic' / 'seed_2'), '--log_file', '']
     best = max(v['NDCG@10'] for v in validations)

@@ -130,6 +130,6 @@ def test_processes_under_torchrun_stop_together(tmp_path):
     assert 1 <= len(lines) <= 2 and len({line.split(' with ')[0] for line in lines}) == 1, lines
     first = lines[0]
     state = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
-    assert first.startswith('time limit 10s: stopped ') and f'epoch {state["epoch"]}' in first, first
+    assert first.startswith('time limit 10s: stopped ') and re.search(rf'epoch {state["epoch"]}\b', first), first
     if ' at epoch ' in first:
         assert f'at epoch {state["epoch"]} batch {state["batch"]} with' in first
