@@ -121,6 +121,6 @@ def test_readme_names_every_key_of_results_json(tmp_path):
     documented = set(re.findall(r'`(\w+)`', row.split('|')[2]))
     results = main.run(config.resolve([
         '--dataset', 'synthetic', '--epochs', '1', '--limit_train_batches', '1', '--limit_eval_batches', '1',
-        '--epoch_time_avg', '--long_head', '--device', 'cpu', '--hidden_size', '8', '--num_blocks', '1', '--heads', '1',
+        '--epoch_time_avg', '--long_head', '--test_both_protocols', '--device', 'cpu', '--hidden_size', '8', '--num_blocks', '1', '--heads', '1',
         '--diffusion_steps', '4', '--out_dir', str(tmp_path / 'run'), '--log_file', '']))
     assert documented == set(results)
