@@ -281,11 +281,16 @@ def piece_command(path, dataset, seed, flags, seconds):
 
 
 def show_lines(stream, log, label):
-    """Each line of `stream`: appended to the file `log` as it is, and printed after "label: "."""
+    """Each line of `stream`: appended to the file `log` as it is, and printed after "label: ". The stream is
+    read to its end whatever fails (a full disk, a closed console): a piece whose pipe is not drained blocks."""
+    targets = {'log': lambda line: (log.write(line), log.flush()),
+               'console': lambda line: print(f'{label}: {line.rstrip()}', flush=True)}
     for line in stream:
-        log.write(line)
-        log.flush()
-        print(f'{label}: {line.rstrip()}', flush=True)
+        for name, write in list(targets.items()):
+            try:
+                write(line)
+            except (OSError, ValueError):  # ValueError: the file was closed
+                del targets[name]
 
 
 def run_all(todo, out, flags, parallel, budget, runner):

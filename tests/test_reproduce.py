@@ -6,6 +6,7 @@ import shutil
 import signal
 import statistics
 import sys
+import threading
 import time
 
 import pytest
@@ -262,6 +263,30 @@ def test_a_piece_shows_its_log_lines_as_they_come_and_keeps_them_in_stdout_txt(t
     assert out.splitlines() == ['toys seed 7: epoch    0  loss 9.5000  1.0s', 'toys seed 7: valid epoch 0: HR@10 1.0']
     assert (path / 'stdout.txt').read_text() == ('from the piece before\nepoch    0  loss 9.5000  1.0s\n'
                                                  'valid epoch 0: HR@10 1.0\n')
+
+
+def test_a_closed_console_does_not_block_a_piece(tmp_path, monkeypatch):
+    """With the console gone (a closed pipe), the piece's output must still be read to its end and kept:
+    a pipe that is not drained stops the piece once its buffer is full."""
+    class ClosedConsole:
+        def write(self, text):
+            raise BrokenPipeError(32, 'Broken pipe')
+
+        def flush(self):
+            raise BrokenPipeError(32, 'Broken pipe')
+    monkeypatch.setattr(sys, 'stdout', ClosedConsole())
+    path = tmp_path / 'toys' / 'seed_1'
+    path.mkdir(parents=True)
+    script = "for i in range(20000): print(f'epoch {i:5d}  ' + 'x' * 40)\n"  # about 1 MB, many pipe buffers
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=reproduce.SubprocessRunner()(
+        [sys.executable, '-c', script], str(tmp_path), str(path))), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), 'the piece blocked on its unread output'
+    assert result['out'] == (0, [])
+    lines = (path / 'stdout.txt').read_text().splitlines()
+    assert len(lines) == 20000 and lines[-1].startswith('epoch 19999')
 
 
 def test_sigterm_stops_the_call_without_calling_the_stopped_piece_an_error(tmp_path, capsys):
