@@ -262,7 +262,7 @@ def bench(cfg, device, data):
     epoch_seconds = round(n_batches * rows[0]['train_step']['median_ms'] / 1000, 1)
     print(f'an epoch of training: {n_batches} steps, about {epoch_seconds} s at the median step')
     report = {'dataset': cfg.dataset, 'device': str(device),
-              'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+              'hardware': utils.hardware(device),
               'threads': torch.get_num_threads(), 'torch_version': torch.__version__, 'compile': cfg.compile,
               'config': utils.config_dict(cfg), 'results': rows,
               'epoch': {'steps': n_batches, 'train_seconds_at_median': epoch_seconds}}

@@ -119,6 +119,7 @@ def run(cfg, clock=time.monotonic):
     results, final = test_results(cfg, trainer, item_categories, log)
     results.update(n_params=n_params, device=str(procs.device), torch_version=torch.__version__,
                    smoke=is_smoke(cfg), data_checksum=data_checksum, host=platform.node(),
+                   hardware=utils.hardware(procs.device),
                    threads=torch.get_num_threads(), world_size=procs.world)
     if cfg.epoch_time_avg:
         results['epoch_time_avg'] = round(sum(trainer.epoch_seconds) / max(len(trainer.epoch_seconds), 1), 3)

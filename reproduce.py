@@ -406,8 +406,8 @@ def dataset_report(dataset, runs, reference=None):
         entry['runs'].append({
             'seed': seed, 'epochs_run': results['epochs_run'], 'kept_epoch': results['kept_epoch'],
             'wall_seconds': round(wall_seconds(runs[seed]), 1), 'device': results['device'],
-            'torch_version': results['torch_version'], 'smoke': results.get('smoke', False),
-            'test': results['test']})
+            'hardware': results.get('hardware'), 'torch_version': results['torch_version'],
+            'smoke': results.get('smoke', False), 'test': results['test']})
     return entry
 
 
@@ -442,8 +442,9 @@ def markdown(report):
             lines += ['', '| seed | epochs run | kept epoch | train + valid time | device | torch |',
                       '|---:|---:|---:|---:|---|---|']
             for run in entry['runs']:
+                device = run['device'] + (f' ({run["hardware"]})' if run['hardware'] else '')
                 lines.append(f'| {run["seed"]} | {run["epochs_run"]} | {run["kept_epoch"]} | '
-                             f'{clock(run["wall_seconds"])} | {run["device"]}{" (smoke)" if run["smoke"] else ""} | '
+                             f'{clock(run["wall_seconds"])} | {device}{" (smoke)" if run["smoke"] else ""} | '
                              f'{run["torch_version"]} |')
         else:
             lines += ['', 'no finished run yet']

@@ -126,13 +126,34 @@ def choose_device(name='auto', local_rank=0):
     return torch.device(name)
 
 
+def cpu_has_native_bf16():
+    """Whether oneDNN has native bf16 matrix products on this CPU (AVX-512 BF16 or AMX); None where this torch
+    cannot tell."""
+    supported = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
+    return None if supported is None else bool(supported())
+
+
 def bf16_is_emulated(device):
     """Whether bf16 matrix products on `device` lack native instructions: a CPU without AVX-512 BF16 or AMX,
     where oneDNN converts to float32 on the fly and --precision bf16 runs many times slower than fp32."""
-    if device.type != 'cpu':
-        return False
-    supported = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
-    return supported is not None and not supported()
+    return device.type == 'cpu' and cpu_has_native_bf16() is False
+
+
+def hardware(device):
+    """The machine in words, for results.json and bench.py's report: the GPU's name, or the CPU's model, its
+    logical cores and whether oneDNN has native bf16 there (which decides what --precision bf16 costs)."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    import platform
+    model = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model)
+    except OSError:
+        pass
+    native = cpu_has_native_bf16()
+    bf16 = '' if native is None else ', native bf16' if native else ', bf16 emulated'
+    return f'{model}, {os.cpu_count()} cores{bf16}'
 
 
 def config_dict(cfg):

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 import bench
 from config import build_parser
 from model import DiffuRec
+import utils
 
 SMALL = ['--dataset', 'synthetic', '--hidden_size', '16', '--num_blocks', '2', '--diffusion_steps', '4',
          '--max_len', '10', '--batch_size', '32', '--steps', '2', '--eval_batches', '1', '--warmup', '1']
@@ -27,6 +28,7 @@ def test_bench_prints_the_table_and_writes_the_report(tmp_path, capsys):
             r = row[measure]
             assert 0 < r['min_ms'] <= r['median_ms'] <= r['max_ms'] and r['samples_per_s'] > 0
     assert report['speedup']['train'] > 0 and report['threads'] == torch.get_num_threads()
+    assert report['hardware'] == utils.hardware(torch.device('cpu'))
     assert all(report['machine'][k] > 0 for k in ('gemm_gflops_float32', 'gemm_gflops_bfloat16',
                                                   'random_mwords_per_s'))
     # the ratio of each median to the matrix products alone, at the rate measured in the same run (fp32 here)

@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import config
 import main
+import utils
 from data import make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,8 +47,9 @@ def test_short_synthetic_run_learns_and_writes_everything(tmp_path):
     assert rc == 0
     res = read_results(out)
     for key in ('dataset', 'config', 'test', 'best_valid', 'best_epoch', 'epochs_run', 'epoch_seconds',
-                'n_params', 'device', 'torch_version', 'smoke'):
+                'n_params', 'device', 'torch_version', 'smoke', 'hardware'):
         assert key in res
+    assert res['hardware'] == utils.hardware(torch.device('cpu')) and f'{os.cpu_count()} cores' in res['hardware']
     assert res['smoke'] is False and res['epochs_run'] == 11 and len(res['epoch_seconds']) == 11
     assert list(res['test']) == ['HR@5', 'HR@10', 'HR@20', 'NDCG@5', 'NDCG@10', 'NDCG@20']
     chance = 10 / 200 * 100
@@ -162,7 +165,6 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, monkeypatch, emu
     """On a CPU whose bf16 products are emulated (no AVX-512 BF16 or AMX) --precision bf16 runs, with a
     warning that names the CPU's lack and the fix; where they are native, no warning."""
     import warnings
-    import utils
     monkeypatch.setattr(utils, 'bf16_is_emulated', lambda device: emulated)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
@@ -172,6 +174,18 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, monkeypatch, emu
     said = [str(w.message) for w in caught if 'no native bf16' in str(w.message)]
     assert len(said) == (1 if emulated else 0), said
     assert all('use --precision fp32' in line for line in said)
+
+
+@pytest.mark.parametrize('native, said', [(True, ', native bf16'), (False, ', bf16 emulated'), (None, '')])
+def test_hardware_names_the_cpu_model_its_cores_and_its_bf16(monkeypatch, native, said):
+    """results.json's `hardware`: the CPU's model as /proc/cpuinfo gives it, then cores and bf16 where known."""
+    monkeypatch.setattr(utils, 'cpu_has_native_bf16', lambda: native)
+    name = utils.hardware(torch.device('cpu'))
+    assert name.endswith(f', {os.cpu_count()} cores{said}'), name
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+        assert name.startswith(model + ', '), name
 
 
 def test_bf16_run_reaches_fp32_metrics_within_noise(tmp_path):

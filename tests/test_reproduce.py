@@ -65,11 +65,13 @@ def test_full_call_writes_the_table_with_mean_and_sample_std(finished):
     assert [r['epochs_run'] for r in entry['runs']] == [2, 2]
     assert entry['runs'][0]['kept_epoch'] == runs[0]['kept_epoch']
     assert entry['runs'][0]['device'] == 'cpu' and entry['runs'][0]['torch_version'] == runs[0]['torch_version']
+    assert entry['runs'][0]['hardware'] == runs[0]['hardware'] and runs[0]['hardware']
     assert entry['runs'][0]['wall_seconds'] == pytest.approx(
         sum(runs[0]['epoch_seconds']) + sum(v['seconds'] for v in runs[0]['validations']), abs=0.1)
     md = (finished / 'table.md').read_text()
     mean, std = entry['measured']['NDCG@10']['mean'], entry['measured']['NDCG@10']['std']
     assert f'{mean:.4f} +- {std:.4f}' in md and '| measured, 2 seeds |' in md and '| paper |' not in md
+    assert f'| cpu ({runs[0]["hardware"]}) |' in md
     assert (finished / 'curves.png').stat().st_size > 0
     assert json.loads((finished / 'reproduce.json').read_text()) == {
         'datasets': ['synthetic'], 'seeds': [1, 2], 'main_flags': FLAGS}
