@@ -314,4 +314,4 @@ def main(argv=None, clock=time.monotonic):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    utils.exit_process(main())

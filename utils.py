@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import sys
 import tempfile
 
 import numpy as np
@@ -203,6 +204,18 @@ def end_distributed(together=False):
         if together:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code):
+    """End the program with exit status `code`. One of several torchrun processes leaves without the
+    interpreter's teardown: a gloo worker thread may still be freeing a finished collective's tensors, which
+    takes the GIL, and if the interpreter is shutting down by then the process aborts (docs/long-runs.md).
+    Every file is written and closed by then; stdout and stderr are flushed here."""
+    if os.environ.get('WORLD_SIZE', '1') not in ('', '1'):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def from_rank0(make, rank, world):

@@ -120,3 +120,20 @@ def test_seeds_under_two_processes_write_one_folder_and_one_aggregate(tmp_path):
     assert proc.stdout.count('aggregate written to') == 1
     with open(out / 'aggregate.json') as f:
         assert json.load(f)['seeds'] == [1, 2]
+
+
+@pytest.mark.parametrize('world', ['1', '2'])
+def test_a_torchrun_process_exits_with_its_status_and_output_but_without_teardown(world):
+    """utils.exit_process: one of several processes leaves by os._exit (no atexit handler, so no interpreter
+    teardown for gloo's threads to abort in), its status and buffered output intact; a lone process exits as
+    usual."""
+    script = ('import atexit, sys, utils\n'
+              'atexit.register(lambda: print("teardown ran"))\n'
+              'print("buffered line", end="")\n'
+              'utils.exit_process(3)\n')
+    env = {**os.environ, 'WORLD_SIZE': world}
+    proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.startswith('buffered line')
+    assert ('teardown ran' in proc.stdout) is (world == '1'), proc.stdout
