@@ -254,15 +254,16 @@ def bench(cfg, device, data):
         plain = PlainDiffuRec(reference, cfg.dropout, cfg.emb_dropout)
         rows.append(bench_model('plain spec (reference)', reference, samples, cfg, device, 'fp32', plain=plain))
     steps = f'T {cfg.diffusion_steps}, ' if 'diffusion_steps' in model_type.own_flags else ''
+    hardware = utils.hardware(device)
     print(f'{model_type.title} benchmark: {cfg.dataset}, batch {cfg.batch_size}, '
-          f'{steps}d {cfg.hidden_size}, {cfg.num_blocks} blocks; device {device}; torch {torch.__version__}; '
-          f'{torch.get_num_threads()} threads')
+          f'{steps}d {cfg.hidden_size}, {cfg.num_blocks} blocks; device {device} ({hardware}); '
+          f'torch {torch.__version__}; {torch.get_num_threads()} threads')
     print(table(rows))
     n_batches = -(-len(samples['train'][1]) // cfg.batch_size)
     epoch_seconds = round(n_batches * rows[0]['train_step']['median_ms'] / 1000, 1)
     print(f'an epoch of training: {n_batches} steps, about {epoch_seconds} s at the median step')
     report = {'dataset': cfg.dataset, 'device': str(device),
-              'hardware': utils.hardware(device),
+              'hardware': hardware,
               'threads': torch.get_num_threads(), 'torch_version': torch.__version__, 'compile': cfg.compile,
               'config': utils.config_dict(cfg), 'results': rows,
               'epoch': {'steps': n_batches, 'train_seconds_at_median': epoch_seconds}}

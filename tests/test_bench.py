@@ -29,6 +29,7 @@ def test_bench_prints_the_table_and_writes_the_report(tmp_path, capsys):
             assert 0 < r['min_ms'] <= r['median_ms'] <= r['max_ms'] and r['samples_per_s'] > 0
     assert report['speedup']['train'] > 0 and report['threads'] == torch.get_num_threads()
     assert report['hardware'] == utils.hardware(torch.device('cpu'))
+    assert f"device cpu ({report['hardware']}); torch" in out
     assert all(report['machine'][k] > 0 for k in ('gemm_gflops_float32', 'gemm_gflops_bfloat16',
                                                   'random_mwords_per_s'))
     # the ratio of each median to the matrix products alone, at the rate measured in the same run (fp32 here)
