@@ -37,14 +37,27 @@ DEFAULT_CONFIG = HERE / "recbole_sasrec.yaml"
 RESUME, BEST, RESULTS, LOG = "resume.pth", "best.pth", "results.json", "log.txt"
 
 
+def recbole_sasrec():
+    """RecBole's SASRec class, with autograd's anomaly detection off again after the import.
+
+    Importing RecBole's models turns it on for the whole process (``torch.autograd.set_detect_anomaly(True)``
+    in its sine.py, RecBole 1.2.1): a stack trace recorded for every operator and every gradient checked, the
+    same numbers at twice the time a training step (docs/sasrec.md).
+    """
+    import torch
+    from recbole.model.sequential_recommender import SASRec
+    torch.autograd.set_detect_anomaly(False)
+    return SASRec
+
+
 def build(dataset, config_file, out):
     """(config, train, valid and test loaders, trainer) as run_recbole makes them, best models saved to OUT."""
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
-    from recbole.model.sequential_recommender import SASRec
     from recbole.trainer import Trainer
     from recbole.utils import init_logger, init_seed
 
+    SASRec = recbole_sasrec()
     argv, sys.argv = sys.argv, sys.argv[:1]  # RecBole's Config takes --key=value from sys.argv: ours are not its
     try:
         config = Config(model="SASRec", dataset=dataset, config_file_list=[str(config_file)],

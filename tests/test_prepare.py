@@ -775,6 +775,32 @@ def test_recbole_check_without_recbole_or_its_inputs_is_one_line(monkeypatch, ca
     assert check.DEFAULT_CONFIG == ROOT / "datasets" / "recbole_sasrec.yaml"
 
 
+def test_recbole_check_turns_off_the_anomaly_detection_that_recbole_turns_on(monkeypatch, tmp_path):
+    """RecBole 1.2.1's model package runs torch.autograd.set_detect_anomaly(True) when imported; the check's
+    import of SASRec turns it off again (it doubles a training step). A stand-in package on sys.path does what
+    RecBole's import does, so the suite needs no RecBole."""
+    import torch
+    package = tmp_path / "recbole" / "model" / "sequential_recommender"
+    package.mkdir(parents=True)
+    (tmp_path / "recbole" / "__init__.py").write_text("")
+    (tmp_path / "recbole" / "model" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("import torch\ntorch.autograd.set_detect_anomaly(True)\n"
+                                         "ON_AFTER_IMPORT = torch.is_anomaly_enabled()\nclass SASRec:\n    pass\n")
+    for name in [m for m in sys.modules if m == "recbole" or m.startswith("recbole.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    check = _load_export("recbole_check")
+    try:
+        sasrec = check.recbole_sasrec()
+        assert sys.modules["recbole.model.sequential_recommender"].ON_AFTER_IMPORT is True
+        assert sasrec is sys.modules["recbole.model.sequential_recommender"].SASRec
+        assert torch.is_anomaly_enabled() is False
+    finally:
+        torch.autograd.set_detect_anomaly(False)
+        for name in [m for m in sys.modules if m == "recbole" or m.startswith("recbole.")]:
+            del sys.modules[name]
+
+
 # ----------------------------------------------------------- generator for benchmarks
 
 _B36 = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
