@@ -14,8 +14,9 @@ OUT/resume.pth (model, optimizer, the early-stopping counters, the shuffling gen
 states, so a run cut into pieces trains as the uncut one), and each better model OUT/best.pth. A piece runs
 at least one block of ``eval_step`` epochs and its validation, then starts another only if the time left
 covers the slowest block so far. When the run stops early or reaches its epochs, the best model is tested
-and OUT/results.json written. Exit status: 0 finished, 2 bad input, 3 paused by --time_limit (run the same
-command again).
+by RecBole's metrics and, on the same score rows, by this project's (metrics.py), and OUT/results.json
+written; removing results.json tests the finished run's best model again. Exit status: 0 finished, 2 bad
+input, 3 paused by --time_limit (run the same command again).
 """
 
 from __future__ import annotations
@@ -107,6 +108,45 @@ def load(path):
                          f"it again") from None
 
 
+def target_sums(scores, positive_u, positive_i, ks):
+    """This project's HR@K / NDCG@K sums (metrics.rank_metrics, metrics.label_ranks) over one batch of RecBole's
+    full-ranking score rows: scores (B, items) with row b's target item positive_i[j] where positive_u[j] = b.
+    -> ((2 len(ks),) sums in metrics.metric_names(ks) order, B). Leave-one-out gives each row one target."""
+    import torch
+    from metrics import label_ranks, rank_metrics
+    rows = positive_u.cpu()
+    if not torch.equal(rows, torch.arange(scores.shape[0])):
+        raise ValueError("a test batch whose rows do not each have exactly one target item; the check needs "
+                         "RecBole's leave-one-out split (eval_args split LS)")
+    return rank_metrics(label_ranks(scores.detach().float().cpu(), positive_i.cpu()), list(ks)).sum(0), len(rows)
+
+
+def test_both_ways(trainer, test, ks):
+    """RecBole's test of trainer.model, and this project's metrics of the very score rows RecBole ranks:
+    (RecBole's result, {'HR@K': percent, 'NDCG@K': percent}, averaged over users as RecBole does).
+    RecBole's test figures are left unrounded (it rounds to metric_decimal_place, 4 by default), so that the
+    two can be compared beyond its fourth decimal; validation, and so the model kept, is not affected."""
+    import torch
+    from metrics import average_metrics
+    for metric in trainer.evaluator.metric_class.values():
+        metric.decimal_place = 12
+    collector, batches = trainer.eval_collector, []
+    collect = collector.eval_batch_collect
+
+    def collect_and_keep(scores, interaction, positive_u, positive_i):
+        batches.append(target_sums(scores, positive_u, positive_i, ks))
+        return collect(scores, interaction, positive_u, positive_i)
+
+    collector.eval_batch_collect = collect_and_keep
+    try:
+        result = trainer.evaluate(test, load_best_model=False, show_progress=False)
+    finally:
+        del collector.eval_batch_collect  # back to the class's method
+    sums = torch.stack([b[0] for b in batches])
+    counts = torch.tensor([b[1] for b in batches])
+    return result, average_metrics(sums, counts, list(ks), "user")
+
+
 def fresh_progress():
     return {"epoch": -1, "losses": [], "epoch_seconds": [], "validations": [], "best_epoch": None,
             "best_valid": None, "pieces": 0, "stopped": False}
@@ -130,7 +170,8 @@ def run(args):
         trainer.best_valid_result = state["progress"]["best_valid"]
         set_random_states(train, state["random"])
         progress = state["progress"]
-    progress["pieces"] += 1
+    if not progress["stopped"]:  # else only the test is left (removed results.json): no training piece
+        progress["pieces"] += 1
     log = open(out / LOG, "a")
 
     def say(line):
@@ -139,7 +180,8 @@ def run(args):
         log.flush()
 
     from recbole.utils import early_stopping
-    say(f"piece {progress['pieces']}: RecBole SASRec on {args.dataset}, from epoch {progress['epoch'] + 1}")
+    say(f"testing the kept model of epoch {progress['best_epoch']}" if progress["stopped"] else
+        f"piece {progress['pieces']}: RecBole SASRec on {args.dataset}, from epoch {progress['epoch'] + 1}")
     trainer.eval_collector.data_collect(train)
     block, block_started, slowest = trainer.eval_step, time.monotonic(), 0.0
     for epoch in range(progress["epoch"] + 1, trainer.epochs if not progress["stopped"] else 0):
@@ -177,11 +219,12 @@ def run(args):
     best = load(out / BEST)
     trainer.model.load_state_dict(best["state_dict"])
     trainer.model.load_other_parameter(best.get("other_parameter"))
-    result = trainer.evaluate(test, load_best_model=False, show_progress=False)
+    result, ours = test_both_ways(trainer, test, config["topk"])
     import recbole
     import torch
     results = {"dataset": args.dataset, "recbole_version": recbole.__version__, "torch_version": torch.__version__,
-               "test": {k: float(v) for k, v in result.items()}, "best_epoch": progress["best_epoch"],
+               "test": {k: float(v) for k, v in result.items()}, "test_by_this_projects_metrics": ours,
+               "best_epoch": progress["best_epoch"],
                "best_valid": progress["best_valid"], "epochs_run": progress["epoch"] + 1,
                "validations": progress["validations"], "losses": progress["losses"],
                "epoch_seconds": progress["epoch_seconds"], "pieces": progress["pieces"],
@@ -192,7 +235,9 @@ def run(args):
                                                  "valid_metric", "seed")},
                "host": platform.node(), "threads": torch.get_num_threads()}
     write_json(results, str(out / RESULTS))
-    say("test: " + "  ".join(f"{k} {v:.4f}" for k, v in results["test"].items()) + f"; written to {out / RESULTS}")
+    say("test: " + "  ".join(f"{k} {v:.4f}" for k, v in results["test"].items()) + "; the same scores by this "
+        "project's metrics (percent): " + "  ".join(f"{k} {v:.4f}" for k, v in ours.items())
+        + f"; written to {out / RESULTS}")
     return DONE
 
 

@@ -13,6 +13,7 @@ import gzip
 import importlib.util
 import io
 import json
+import math
 import pickle
 import random
 import subprocess
@@ -773,6 +774,44 @@ def test_recbole_check_without_recbole_or_its_inputs_is_one_line(monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--time_limit" in err and "\n" not in err
     assert check.DEFAULT_CONFIG == ROOT / "datasets" / "recbole_sasrec.yaml"
+
+
+def test_recbole_check_scores_recboles_rows_with_this_projects_metrics():
+    """The RecBole check's test also ranks the very score rows RecBole ranks with metrics.py: row 0's target
+    (item 3) is second, row 1's (item 2) first; the padding column is -inf as RecBole sets it."""
+    import torch
+    check = _load_export("recbole_check")
+    scores = torch.tensor([[-math.inf, 3.0, 1.0, 2.0], [-math.inf, 0.0, 5.0, 1.0]])
+    sums, n = check.target_sums(scores, torch.tensor([0, 1]), torch.tensor([3, 2]), [1, 2])
+    assert n == 2 and torch.allclose(sums, torch.tensor([1.0, 2.0, 1.0, 1.0 + 1 / math.log2(3)], dtype=sums.dtype))
+    with pytest.raises(ValueError, match="exactly one target item"):
+        check.target_sums(scores, torch.tensor([0, 0]), torch.tensor([3, 2]), [1])
+
+    class Collector:  # RecBole's protocol: evaluate() hands every batch's scores to eval_batch_collect
+        def __init__(self):
+            self.seen = 0
+
+        def eval_batch_collect(self, scores, interaction, positive_u, positive_i):
+            self.seen += 1
+
+    class Trainer:
+        def __init__(self):
+            self.eval_collector = Collector()
+            self.evaluator = type("Evaluator", (), {"metric_class": {"hit": type("Hit", (), {"decimal_place": 4})()}})
+
+        def evaluate(self, batches, load_best_model, show_progress):
+            for s, u, i in batches:
+                self.eval_collector.eval_batch_collect(s, None, u, i)
+            return {"hit@2": 0.75}
+
+    trainer = Trainer()
+    batches = [(scores, torch.tensor([0, 1]), torch.tensor([3, 2])),  # ranks 2, 1
+               (scores[:1], torch.tensor([0]), torch.tensor([2]))]    # rank 3
+    result, ours = check.test_both_ways(trainer, batches, [2])
+    assert result == {"hit@2": 0.75} and trainer.eval_collector.seen == 2  # RecBole's own collection still ran
+    assert ours == {"HR@2": 66.6667, "NDCG@2": round(100 * (1 / math.log2(3) + 1) / 3, 4)}  # over 3 users
+    assert "eval_batch_collect" not in vars(trainer.eval_collector)  # the class's method again
+    assert trainer.evaluator.metric_class["hit"].decimal_place == 12  # the test's figures unrounded
 
 
 def test_recbole_check_turns_off_the_anomaly_detection_that_recbole_turns_on(monkeypatch, tmp_path):
