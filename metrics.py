@@ -41,6 +41,11 @@ def rank_metrics(ranks, ks):
     return torch.cat([hit, hit / torch.log2(ranks + 1)], dim=1)
 
 
+def metric_sums(scores, labels, ks):
+    """HR@K / NDCG@K summed over a batch: scores (B, N), labels (B,) -> (2 len(ks),) in metric_names(ks) order."""
+    return rank_metrics(label_ranks(scores, labels), ks).sum(0)
+
+
 def average_metrics(sums, counts, ks, metric_average='batch'):
     """Per-batch sums (n_batches, M) and row counts (n_batches,) -> {metric: percent, 4 decimals}.
 
@@ -163,7 +168,7 @@ def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batc
             break
         b, rows, scores = batch
         label = labels[rows.to(labels.device)].to(device, non_blocking=True)
-        sums[b] = rank_metrics(label_ranks(scores, label), ks).sum(0)
+        sums[b] = metric_sums(scores, label, ks)
         counts[b] = len(rows)
         if topk_items is not None:
             topk_items.append(scores.topk(max(ks), dim=1).indices.cpu())

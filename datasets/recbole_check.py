@@ -30,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 if __name__ == "__main__":  # run as a script from datasets/: the project's modules are one folder up
     sys.path.insert(0, str(HERE.parent))
+from metrics import average_metrics, format_metrics, metric_sums  # noqa: E402
 from prepare import one_line_errors  # noqa: E402
 from stopping import BAD_INPUT, DONE, PAUSED  # noqa: E402
 from utils import ArgumentParser, duration, write_atomic, write_json  # noqa: E402
@@ -109,16 +110,15 @@ def load(path):
 
 
 def target_sums(scores, positive_u, positive_i, ks):
-    """This project's HR@K / NDCG@K sums (metrics.rank_metrics, metrics.label_ranks) over one batch of RecBole's
-    full-ranking score rows: scores (B, items) with row b's target item positive_i[j] where positive_u[j] = b.
+    """This project's HR@K / NDCG@K sums (metrics.metric_sums, as its evaluation loop adds them) over one batch
+    of RecBole's full-ranking score rows: scores (B, items) with row b's target item positive_i[j] where positive_u[j] = b.
     -> ((2 len(ks),) sums in metrics.metric_names(ks) order, B). Leave-one-out gives each row one target."""
     import torch
-    from metrics import label_ranks, rank_metrics
     rows = positive_u.cpu()
     if not torch.equal(rows, torch.arange(scores.shape[0])):
         raise ValueError("a test batch whose rows do not each have exactly one target item; the check needs "
                          "RecBole's leave-one-out split (eval_args split LS)")
-    return rank_metrics(label_ranks(scores.detach().float().cpu(), positive_i.cpu()), list(ks)).sum(0), len(rows)
+    return metric_sums(scores.detach().float().cpu(), positive_i.cpu(), list(ks)), len(rows)
 
 
 def test_both_ways(trainer, test, ks):
@@ -127,7 +127,6 @@ def test_both_ways(trainer, test, ks):
     RecBole's test figures are left unrounded (it rounds to metric_decimal_place, 4 by default), so that the
     two can be compared beyond its fourth decimal; validation, and so the model kept, is not affected."""
     import torch
-    from metrics import average_metrics
     for metric in trainer.evaluator.metric_class.values():
         metric.decimal_place = 12
     collector, batches = trainer.eval_collector, []
@@ -235,9 +234,8 @@ def run(args):
                                                  "valid_metric", "seed")},
                "host": platform.node(), "threads": torch.get_num_threads()}
     write_json(results, str(out / RESULTS))
-    say("test: " + "  ".join(f"{k} {v:.4f}" for k, v in results["test"].items()) + "; the same scores by this "
-        "project's metrics (percent): " + "  ".join(f"{k} {v:.4f}" for k, v in ours.items())
-        + f"; written to {out / RESULTS}")
+    say(f"test: {format_metrics(results['test'])}; the same scores by this project's metrics (percent): "
+        f"{format_metrics(ours)}; written to {out / RESULTS}")
     return DONE
 
 
