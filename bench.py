@@ -160,6 +160,11 @@ def profile_table(title, ops):
     return '\n'.join(lines)
 
 
+def significant(x, digits=3):
+    """x to `digits` significant digits: a slow rate on a busy machine stays above zero (a floor divides by it)."""
+    return float(f'{x:.{digits}g}')
+
+
 def machine_rates(device, rows, width, repeats=5):
     """What the machine does at the model's shapes: GFLOP/s of the first feed-forward product of a batch,
     (rows x width) by (width x 4 width), in fp32 and bf16, and millions of 64-bit random words a second
@@ -169,10 +174,10 @@ def machine_rates(device, rows, width, repeats=5):
         a = torch.randn(rows, width, device=device, dtype=dtype)
         b = torch.randn(width, 4 * width, device=device, dtype=dtype)
         seconds = statistics.median(timed(lambda: a @ b, repeats, 1, device))
-        rates[f'gemm_gflops_{name}'] = round(2 * rows * width * 4 * width / seconds / 1e9, 1)
+        rates[f'gemm_gflops_{name}'] = significant(2 * rows * width * 4 * width / seconds / 1e9)
     words = torch.empty(2 ** 21, dtype=torch.int64, device=device)
     seconds = statistics.median(timed(lambda: words.random_(-2 ** 63, 2 ** 63 - 1), repeats, 1, device))
-    rates['random_mwords_per_s'] = round(words.numel() / seconds / 1e6)
+    rates['random_mwords_per_s'] = significant(words.numel() / seconds / 1e6)
     return rates
 
 

@@ -61,6 +61,14 @@ def test_bench_times_sasrec_with_its_defaults_and_its_epoch(tmp_path, capsys):
         'error: --compare times the plain implementation of DiffuRec; drop it with --model sasrec'
 
 
+def test_machine_rates_of_a_starved_machine_stay_above_zero(monkeypatch):
+    """A tiny product timed on a busy host is well under 0.1 GFLOP/s; rounding it to a decimal gave 0 and the
+    floor's division failed. The rates keep three significant digits."""
+    monkeypatch.setattr(bench, 'timed', lambda fn, n, warmup, device: [0.5] * n)
+    rates = bench.machine_rates(torch.device('cpu'), rows=320, width=16)
+    assert rates == {'gemm_gflops_float32': 0.00131, 'gemm_gflops_bfloat16': 0.00131, 'random_mwords_per_s': 4.19}
+
+
 def test_bench_error_is_one_line(tmp_path, capsys):
     assert bench.main(['--dataset', 'nope', '--data_dir', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
