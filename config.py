@@ -69,6 +69,11 @@ def model_flags(parser):
     model.add_argument('--preset', default='default', choices=['default', 'published'],
                        help='sasrec: published takes, for the flags not given, the configuration published for '
                             '--dataset (' + ', '.join(MODELS['sasrec'].published_presets) + '; docs/sasrec.md)')
+    model.add_argument('--loss', default='full', choices=list(MODELS['sasrec'].losses),
+                       help='sasrec: full = softmax cross-entropy over every item; sampled = over the target and '
+                            '--negatives items drawn uniformly (the eSASRec benchmark\'s sampled softmax)')
+    model.add_argument('--negatives', type=positive_int, default=256,
+                       help='sasrec with --loss sampled: negatives drawn per target position')
     model.add_argument('--hidden_size', type=positive_int, default=128, help='embedding size d')
     model.add_argument('--heads', type=positive_int, default=4, help='attention heads (the reference fixes 4)')
     model.add_argument('--num_blocks', type=positive_int, default=4, help='transformer blocks of the Approximator')
@@ -207,6 +212,9 @@ def resolve(argv=None):
     if misplaced:
         raise ValueError(f'--{misplaced[0]} configures {foreign[misplaced[0]].title} and does not apply to '
                          f'--model {cfg.model}; drop it')
+    if 'negatives' in given and cfg.loss != 'sampled':
+        raise ValueError(f'--negatives applies to --loss sampled only (the loss is {cfg.loss}); add --loss sampled '
+                         f'or drop --negatives')
     return cfg
 
 

@@ -24,7 +24,7 @@ CONFIG, CHECKPOINT, METRICS, LOG, RESULTS = 'config.json', 'checkpoint.pt', 'met
 RECOMMENDATIONS = 'recommendations.csv'  # --recommend's output unless --out is given
 # Flags added after the first checkpoints were written, with the value those runs had.
 OLD_CONFIG_DEFAULTS = {'model': 'diffurec', 'tensorboard': None, 'approximator': 'transformer', 'sample_steps': None,
-                       'precision': 'fp32', 'preset': 'default',
+                       'precision': 'fp32', 'preset': 'default', 'loss': 'full', 'negatives': 256,
                        'test_both_protocols': False}
 # Checkpoint entries added later: the planning durations of --time_limit (none timed yet).
 OLD_CHECKPOINT_DEFAULTS = {'timing': {}}

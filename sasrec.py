@@ -1,10 +1,12 @@
-"""SASRec (Kang & McAuley, ICDM 2018) trained with full softmax cross-entropy: the baseline beside DiffuRec.
+"""SASRec (Kang & McAuley, ICDM 2018) trained with softmax cross-entropy: the baseline beside DiffuRec.
 
 A causal self-attention transformer reads a user's history and predicts the next item at every position;
 the output layer is the item table itself (scores = h E^T). Following Klenitskiy & Vasilev (RecSys 2023),
 training uses cross-entropy over all items at every real position of each user's training sequence, instead
-of the original binary cross-entropy with one sampled negative. Evaluation goes through the same scoring
-interface as DiffuRec, so both models are ranked by one evaluation loop.
+of the original binary cross-entropy with one sampled negative; `--loss sampled` takes the softmax over the
+target and `--negatives` items drawn uniformly instead (the sampled softmax of the eSASRec benchmark's SASRec
+row). Evaluation goes through the same scoring interface as DiffuRec, so both models are ranked by one
+evaluation loop.
 """
 import copy
 import math
@@ -41,13 +43,17 @@ class SASRec(nn.Module):
         'ml-1m': dict(num_blocks=2, dropout=0.1, emb_dropout=0.1, max_len=200, epochs=100, eval_interval=1,
                       patience=10, exclude_history=True, select_metric='NDCG@10'),
     }
-    own_flags = ('preset',)
+    own_flags = ('preset', 'loss', 'negatives')
+    losses = ('full', 'sampled')
     sampler = None  # no timesteps
 
     def __init__(self, n_items, max_len=50, hidden_size=64, num_blocks=2, heads=1, dropout=0.2,
-                 emb_dropout=0.2, hidden_act='relu', rank_padding=True):
+                 emb_dropout=0.2, hidden_act='relu', rank_padding=True, loss='full', negatives=256):
         super().__init__()
+        if loss not in self.losses:
+            raise ValueError(f'unknown loss {loss!r}; choose one of {", ".join(self.losses)}')
         self.n_items = n_items
+        self.loss, self.negatives = loss, negatives
         self.max_len = max_len
         self.rank_padding = rank_padding
         self.item_table = nn.Embedding(n_items + 1, hidden_size)
@@ -66,7 +72,8 @@ class SASRec(nn.Module):
         c = cfg if isinstance(cfg, dict) else vars(cfg)
         return cls(n_items, max_len=c['max_len'], hidden_size=c['hidden_size'], num_blocks=c['num_blocks'],
                    heads=c['heads'], dropout=c['dropout'], emb_dropout=c['emb_dropout'],
-                   hidden_act=c['hidden_act'], rank_padding=c['rank_padding'])
+                   hidden_act=c['hidden_act'], rank_padding=c['rank_padding'], loss=c['loss'],
+                   negatives=c['negatives'])
 
     @staticmethod
     def training_samples(data, max_len, prefix_samples):
@@ -103,14 +110,34 @@ class SASRec(nn.Module):
             logits[:, 0] = float('-inf')
         return logits
 
+    def sampled_logits(self, h, targets, negatives):
+        """h (P, d), targets (P,), negatives (P, N) -> float32 scores (P, 1 + N) of [target, negatives...].
+
+        A negative equal to the target is scored as any other (the sampled softmax of the eSASRec benchmark
+        keeps such accidental hits too)."""
+        candidates = torch.cat([targets[:, None], negatives], dim=1)
+        rows = F.embedding(candidates, self.item_table.weight).float()  # (P, 1 + N, d)
+        return torch.bmm(rows, h.float()[:, :, None]).squeeze(-1)
+
+    def draw_negatives(self, count, device):
+        """`negatives` item ids per target, uniform over the real items 1..n_items (never padding): (count, N)."""
+        return torch.randint(1, self.n_items + 1, (count, self.negatives), device=device)
+
     def forward(self, seq, targets):
         """Training loss. seq, targets (B, L) -> (mean loss over real positions, per-row loss sums (B,), None).
 
-        Only the real target positions (targets > 0) reach the item-table product and the loss.
+        Only the real target positions (targets > 0) reach the item-table product and the loss: the softmax
+        over every item (loss 'full'), or over the target and `negatives` uniform draws (loss 'sampled').
         """
         real = targets > 0
         h = self.hidden(seq)[real]  # (P, d)
-        losses = F.cross_entropy(self.logits(h), targets[real], reduction='none')  # (P,)
+        labels = targets[real]
+        if self.loss == 'sampled':
+            logits = self.sampled_logits(h, labels, self.draw_negatives(len(labels), labels.device))
+            labels = torch.zeros_like(labels)  # the target is column 0
+        else:
+            logits = self.logits(h)
+        losses = F.cross_entropy(logits, labels, reduction='none')  # (P,)
         rows = real.nonzero()[:, 0]
         per_row = torch.zeros(seq.shape[0], dtype=losses.dtype, device=seq.device).index_add_(0, rows, losses)
         return losses.mean(), per_row, None

@@ -69,6 +69,32 @@ def test_padding_positions_never_reach_the_loss():
     assert per_row.shape == (2,) and torch.isclose(per_row.sum() / 7, mean)
 
 
+def test_sampled_loss_is_the_softmax_over_the_target_and_uniform_negatives():
+    """--loss sampled: the cross-entropy of the target (column 0) against `negatives` items drawn uniformly from
+    the real items after the forward pass, scored by the same product as the full softmax's columns."""
+    n_items, negatives = 30, 7
+    torch.manual_seed(0)
+    model = SASRec(n_items, **TINY, loss='sampled', negatives=negatives).eval()  # no dropout draws
+    seq = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 7, 9, 2, 5], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 6]])
+    targets = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 7, 9, 2, 5, 8], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6, 1]])
+    torch.manual_seed(5)
+    mean, per_row, _ = model(seq, targets)
+    torch.manual_seed(5)
+    real = targets > 0
+    with torch.no_grad():
+        full = model.logits(model.hidden(seq)[real])  # (7, n_items + 1)
+    drawn = torch.randint(1, n_items + 1, (7, negatives))
+    columns = torch.cat([targets[real][:, None], drawn], dim=1)
+    expected = torch.nn.functional.cross_entropy(full.gather(1, columns), torch.zeros(7, dtype=torch.long),
+                                                 reduction='none')
+    torch.testing.assert_close(mean.detach(), expected.mean())
+    torch.testing.assert_close(per_row.detach(), torch.stack([expected[:5].sum(), expected[5:].sum()]))
+    draws = model.draw_negatives(4000, torch.device('cpu'))
+    assert draws.shape == (4000, negatives) and draws.min() == 1 and draws.max() == n_items
+    counts = torch.bincount(draws.flatten(), minlength=n_items + 1)[1:].float()
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()  # uniform, padding never
+
+
 def test_both_models_go_through_the_same_evaluation():
     data = make_synthetic(n_users=40, n_items=30)
     inputs, labels = build_samples(data, TINY['max_len'])['test']
@@ -101,6 +127,16 @@ def test_sasrec_learns_synthetic_well_above_chance(tmp_path):
     assert results['test']['HR@10'] > 5 * chance, results['test']
 
 
+def test_sasrec_learns_synthetic_with_the_sampled_loss(tmp_path):
+    out = tmp_path / 'run'
+    assert main.main(FAST + ['--loss', 'sampled', '--negatives', '20', '--epochs', '8', '--eval_interval', '4',
+                             '--out_dir', str(out)]) == 0
+    with open(out / 'results.json') as f:
+        results = json.load(f)
+    assert (results['config']['loss'], results['config']['negatives']) == ('sampled', 20)
+    assert results['test']['HR@10'] > 5 * 100 * 10 / 200, results['test']
+
+
 def one_error_line(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), lines
@@ -125,6 +161,15 @@ def test_a_checkpoint_of_one_model_is_refused_by_the_other(tmp_path, capsys):
 def test_diffusion_flags_are_refused_with_sasrec(flag, capsys):
     assert main.main(FAST + flag) == 2
     assert flag[0] in one_error_line(capsys)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--dataset', 'synthetic', '--loss', 'sampled'], '--loss configures SASRec and does not apply to --model diffurec'),
+    (FAST + ['--negatives', '8'], '--negatives applies to --loss sampled only (the loss is full)'),
+])
+def test_sampled_loss_flags_out_of_place_are_one_line(argv, message, capsys):
+    assert main.main(argv + ['--log_file', '']) == 2
+    assert message in one_error_line(capsys)
 
 
 def test_every_registered_model_keeps_the_interface_and_names_real_flags():
