@@ -74,8 +74,7 @@ PROGRESS_BAR = re.compile(r'\d+%\|')  # tqdm's lines on stderr, left out of the 
 def build_parser():
     p = utils.ArgumentParser(prog='reproduce.py', description='Run DiffuRec on the paper\'s datasets and seeds and compare with the paper\'s Table 2 '
                            '(with --model sasrec: with the published SASRec rows). '
-                           'Every flag not listed here is passed to main.py (python main.py --help).',
-               allow_abbrev=False)  # a prefix such as --seed must reach main.py, not become --seeds
+                           'Every flag not listed here is passed to main.py (python main.py --help).')
     p.add_argument('--datasets', nargs='+', default=None, metavar='D',
                    help=f'datasets (default {" ".join(DEFAULT_DATASETS)}, or the first call\'s)')
     p.add_argument('--seeds', type=utils.seed, nargs='+', default=None, metavar='S',

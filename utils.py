@@ -261,7 +261,12 @@ class RunLog:
 
 class ArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors raise ValueError (the entry point prints one `error:` line and exits
-    2) instead of printing the usage and exiting: the message names the flag, the help names the values."""
+    2) instead of printing the usage and exiting: the message names the flag, the help names the values.
+    A shortened flag is refused rather than expanded: `--seed 5` would otherwise silently be `--seeds 5`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise ValueError(f'{message} (python {self.prog} --help lists every flag)')

@@ -109,6 +109,7 @@ class Evil:
     ('flags', ['--dataset', 'synthetic', '--noise_schedule', 'linear', '--diffusion_steps', '10'], 'diffusion_steps'),
     ('flags', ['--dataset', 'synthetic', '--metric_ks', '5', '500'], 'metric_ks'),
     ('flags', ['--dataset', 'synthetic', '--select_metric', 'HR@7'], 'select_metric'),
+    ('flags', ['--dataset', 'synthetic', '--seed', '5'], 'unrecognized arguments: --seed 5'),  # not --seeds
     ('flags', ['--dataset', 'synthetic', '--num_gpu', '2'], 'torchrun'),
     ('flags', ['--dataset', 'synthetic', '--diversity_measure'], 'category'),
     ('flags', ['--dataset', 'synthetic', '--out_dir', '/proc/diffurec_run'], 'out_dir'),
