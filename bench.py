@@ -280,7 +280,7 @@ def bench(cfg, device, data):
           f'{rates["random_mwords_per_s"]} M random 64-bit words/s')
     if model_type is DiffuRec and cfg.approximator == 'transformer':  # the products matmul_gflop counts
         work = matmul_gflop(cfg, n_items)
-        floors = {f'{k}_ms_{p}': float(f'{1000 * gflop / rates[f"gemm_gflops_{p}"]:.3g}')
+        floors = {f'{k}_ms_{p}': significant(1000 * gflop / rates[f'gemm_gflops_{p}'])
                   for k, gflop in work.items() for p in ('float32', 'bfloat16')}
         report['matmul_gflop'], report['matmul_floor'] = work, floors
         print(f'matrix products alone at those rates: training step {work["train_step"]:.4g} GFLOP = '
