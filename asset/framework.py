@@ -178,7 +178,7 @@ def draw(path=DEFAULT_OUT):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Draw the DiffuRec framework figure.')
+    parser = argparse.ArgumentParser(description='Draw the DiffuRec framework figure.', allow_abbrev=False)
     parser.add_argument('--out', default=str(DEFAULT_OUT), help=f'PNG to write (default {DEFAULT_OUT.name} '
                         'next to this script)')
     args = parser.parse_args(argv)

@@ -18,7 +18,6 @@ exactly the project's split.  ``datasets/prepare.py`` reads such a file back (``
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ if __name__ == "__main__":  # run as a script from datasets/ (where prepare.py l
     sys.path.insert(0, str(HERE.parent))
 from data import DEFAULT_DATA_DIR, DataError, check_name, load_dataset  # noqa: E402
 from prepare import inter_lines, one_line_errors  # noqa: E402
-from utils import write_atomic  # noqa: E402
+from utils import ArgumentParser, write_atomic  # noqa: E402
 
 DEFAULT_OUT_DIR = HERE / "recbole"
 
@@ -48,8 +47,8 @@ def export(name: str, data_dir=None, out_dir=None, overwrite: bool = False) -> t
     return target, len(data["train"]), len(data["smap"]), rows
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Write a project dataset as RecBole's atomic .inter file "
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="to_recbole.py", description="Write a project dataset as RecBole's atomic .inter file "
                                             "(same sequences, same leave-one-out split).")
     p.add_argument("name", help="dataset name, as for main.py --dataset")
     p.add_argument("--data_dir", default=None,
@@ -62,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return one_line_errors(lambda: _run(args))
+    parser = build_parser()
+    return one_line_errors(lambda: _run(parser.parse_args(argv)))
 
 
 def _run(args) -> int:

@@ -52,6 +52,14 @@ def test_cli_out_draws_the_same_bytes(drawn, tmp_path):
     assert (tmp_path / 'again.png').read_bytes() == first.read_bytes()
 
 
+def test_cli_refuses_a_shortened_flag(drawn, tmp_path, capsys):
+    framework, _ = drawn
+    with pytest.raises(SystemExit) as stop:
+        framework.main(['--ou', str(tmp_path / 'short.png')])
+    assert stop.value.code == 2 and 'unrecognized arguments: --ou' in capsys.readouterr().err
+    assert not (tmp_path / 'short.png').exists()
+
+
 def test_committed_figure_is_a_png_of_the_drawn_size(drawn):
     committed = ASSET_DIR / 'diffurec_framework.png'
     assert committed.is_file()

@@ -734,6 +734,9 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     _put_dataset(tmp_path / "data", "broken", {**SMALL, "val": {0: [2]}})
     assert_one_line_error(run_export(capsys, "broken", "--data_dir", tmp_path / "data"),
                           "user ids differ between 'train' and 'val'")
+    # a shortened flag is refused, not expanded, and a bad flag is one line too
+    assert_one_line_error(run_export(capsys, *args, "--over"), "unrecognized arguments: --over")
+    assert target.read_text() == SMALL_INTER
 
 
 def test_recbole_config_matches_the_sasrec_defaults():
