@@ -74,6 +74,8 @@ def model_flags(parser):
                             '--negatives items drawn uniformly (the eSASRec benchmark\'s sampled softmax)')
     model.add_argument('--negatives', type=positive_int, default=256,
                        help='sasrec with --loss sampled: negatives drawn per target position')
+    model.add_argument('--inner_size', type=positive_int, default=None,
+                       help='sasrec: width of the blocks\' feed-forward layer (default 4 x --hidden_size)')
     model.add_argument('--hidden_size', type=positive_int, default=128, help='embedding size d')
     model.add_argument('--heads', type=positive_int, default=4, help='attention heads (the reference fixes 4)')
     model.add_argument('--num_blocks', type=positive_int, default=4, help='transformer blocks of the Approximator')

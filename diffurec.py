@@ -392,15 +392,17 @@ def linear(layer, x, activation=None, residual=None):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: x + Drop(MHA(LN x)), then x + Drop(W2 Drop(act(W1 LN x))), then a dropout on the output."""
+    """Pre-LN block: x + Drop(MHA(LN x)), then x + Drop(W2 Drop(act(W1 LN x))), then a dropout on the output.
+    The feed-forward is d -> inner_size -> d (4 d when None, the reference's)."""
 
-    def __init__(self, hidden_size, heads, dropout, hidden_act='gelu'):
+    def __init__(self, hidden_size, heads, dropout, hidden_act='gelu', inner_size=None):
         super().__init__()
+        inner_size = inner_size or 4 * hidden_size
         self.ln_attn = nn.LayerNorm(hidden_size, eps=1e-12)
         self.attn = MultiHeadAttention(hidden_size, heads, dropout)
         self.ln_ffn = nn.LayerNorm(hidden_size, eps=1e-12)
-        self.w1 = nn.Linear(hidden_size, 4 * hidden_size)
-        self.w2 = nn.Linear(4 * hidden_size, hidden_size)
+        self.w1 = nn.Linear(hidden_size, inner_size)
+        self.w2 = nn.Linear(inner_size, hidden_size)
         nn.init.xavier_normal_(self.w1.weight)
         nn.init.xavier_normal_(self.w2.weight)
         self.dropout = Dropout(dropout)

@@ -43,12 +43,12 @@ class SASRec(nn.Module):
         'ml-1m': dict(num_blocks=2, dropout=0.1, emb_dropout=0.1, max_len=200, epochs=100, eval_interval=1,
                       patience=10, exclude_history=True, select_metric='NDCG@10'),
     }
-    own_flags = ('preset', 'loss', 'negatives')
+    own_flags = ('preset', 'loss', 'negatives', 'inner_size')
     losses = ('full', 'sampled')
     sampler = None  # no timesteps
 
     def __init__(self, n_items, max_len=50, hidden_size=64, num_blocks=2, heads=1, dropout=0.2,
-                 emb_dropout=0.2, hidden_act='relu', rank_padding=True, loss='full', negatives=256):
+                 emb_dropout=0.2, hidden_act='relu', rank_padding=True, loss='full', negatives=256, inner_size=None):
         super().__init__()
         if loss not in self.losses:
             raise ValueError(f'unknown loss {loss!r}; choose one of {", ".join(self.losses)}')
@@ -61,7 +61,7 @@ class SASRec(nn.Module):
         nn.init.xavier_normal_(self.item_table.weight)
         nn.init.xavier_normal_(self.position_table.weight)
         self.embed_dropout = Dropout(emb_dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(hidden_size, heads, dropout, hidden_act)
+        self.blocks = nn.ModuleList(TransformerBlock(hidden_size, heads, dropout, hidden_act, inner_size)
                                     for _ in range(num_blocks))
         self.out_ln = nn.LayerNorm(hidden_size, eps=1e-12)
         self.block_dtype = None  # set by low_precision_copy
@@ -73,7 +73,7 @@ class SASRec(nn.Module):
         return cls(n_items, max_len=c['max_len'], hidden_size=c['hidden_size'], num_blocks=c['num_blocks'],
                    heads=c['heads'], dropout=c['dropout'], emb_dropout=c['emb_dropout'],
                    hidden_act=c['hidden_act'], rank_padding=c['rank_padding'], loss=c['loss'],
-                   negatives=c['negatives'])
+                   negatives=c['negatives'], inner_size=c['inner_size'])
 
     @staticmethod
     def training_samples(data, max_len, prefix_samples):

@@ -137,6 +137,22 @@ def test_sasrec_learns_synthetic_with_the_sampled_loss(tmp_path):
     assert results['test']['HR@10'] > 5 * 100 * 10 / 200, results['test']
 
 
+def test_inner_size_sets_the_feed_forward_width_and_travels_with_the_run(tmp_path, capsys):
+    assert [b.w1.out_features for b in tiny_sasrec().blocks] == [4 * TINY['hidden_size']] * 2  # the default
+    narrow = SASRec(30, **TINY, inner_size=16)
+    assert [(b.w1.weight.shape, b.w2.weight.shape) for b in narrow.blocks] == [((16, 16), (16, 16))] * 2
+    out = str(tmp_path / 'run')
+    assert main.main(FAST + ['--inner_size', '24', '--epochs', '2', '--eval_interval', '1',
+                             '--limit_train_batches', '1', '--out_dir', out]) == 0
+    with open(os.path.join(out, 'results.json')) as f:
+        assert json.load(f)['config']['inner_size'] == 24
+    # the run's model is rebuilt at its own width: a 4 d model would not load this checkpoint
+    assert main.main(['--recommend', out, '--topk', '3', '--log_file', '']) == 0
+    capsys.readouterr()
+    assert main.main(['--dataset', 'synthetic', '--inner_size', '24', '--log_file', '']) == 2
+    assert '--inner_size configures SASRec and does not apply to --model diffurec' in one_error_line(capsys)
+
+
 def one_error_line(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), lines
