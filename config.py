@@ -74,6 +74,9 @@ def model_flags(parser):
                             '--negatives items drawn uniformly (the eSASRec benchmark\'s sampled softmax)')
     model.add_argument('--negatives', type=positive_int, default=256,
                        help='sasrec with --loss sampled: negatives drawn per target position')
+    model.add_argument('--block', default='preln', choices=list(MODELS['sasrec'].block_kinds),
+                       help='sasrec: preln = pre-LayerNorm blocks with the causal and key mask; original = the block '
+                            'of SASRec\'s original code (normalised queries as residuals, causal mask only)')
     model.add_argument('--inner_size', type=positive_int, default=None,
                        help='sasrec: width of the blocks\' feed-forward layer (default 4 x --hidden_size)')
     model.add_argument('--hidden_size', type=positive_int, default=128, help='embedding size d')

@@ -286,8 +286,9 @@ class MultiHeadAttention(nn.Module):
         B, L, d = x.shape
         return x.view(B, L, self.heads, d // self.heads).transpose(1, 2)  # (B, H, L, d/H)
 
-    def forward(self, x, query_keep=None, attn_mask=None, last_only=False, residual=None, groups=None):
+    def forward(self, x, query_keep=None, attn_mask=None, last_only=False, residual=None, groups=None, query=None):
         """x (B, L, d) -> (B, L, d), or (B, 1, d) with last_only; plus `residual` (same shape) if given.
+        The queries come from `query` (B, L, d) when given, else from x; the keys and values from x.
 
         query_keep (B, L, 1) zeroes the queries of padded rows: their scores are then all equal and the
         softmax is uniform over all L positions, exactly what the reference's -1e9 fill of whole query
@@ -299,7 +300,8 @@ class MultiHeadAttention(nn.Module):
         k, v = self._split(linear(self.k, x)), self._split(linear(self.v, x))
         if groups is not None and not last_only:
             return linear(self.out, self.windowed(x, query_keep, k, v, groups), residual=residual)
-        q_in = x[:, -1:] if last_only else x
+        q_in = x if query is None else query
+        q_in = q_in[:, -1:] if last_only else q_in
         q = linear(self.q, q_in)
         if query_keep is not None:
             q = q * (query_keep[:, -1:] if last_only else query_keep).to(q.dtype)

@@ -16,15 +16,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import sequence_samples
-from diffurec import Dropout, TransformerBlock, attention_mask
+from diffurec import Dropout, TransformerBlock, attention_mask, linear
 
 
 class SASRec(nn.Module):
     """SASRec over n_items items (ids 1..n_items, 0 = padding); the item table has n_items + 1 rows.
 
-    Embedding: E[seq] sqrt(d) + P (learned positions), dropout, padding positions zeroed. Blocks: pre-LN
-    self-attention and feed-forward with residuals, each position attending only to itself and the real
-    items before it (causal and key mask). A final LayerNorm gives the hidden state h (B, L, d).
+    Embedding: E[seq] sqrt(d) + P (learned positions), dropout, padding positions zeroed. Blocks (block
+    'preln'): pre-LN self-attention and feed-forward with residuals, each position attending only to itself
+    and the real items before it (causal and key mask); block 'original': OriginalBlock. A final LayerNorm
+    gives the hidden state h (B, L, d).
     rank_padding as in DiffuRec: whether the padding row takes part in the softmax and the ranking.
     """
 
@@ -43,15 +44,20 @@ class SASRec(nn.Module):
         'ml-1m': dict(num_blocks=2, dropout=0.1, emb_dropout=0.1, max_len=200, epochs=100, eval_interval=1,
                       patience=10, exclude_history=True, select_metric='NDCG@10'),
     }
-    own_flags = ('preset', 'loss', 'negatives', 'inner_size')
+    own_flags = ('preset', 'loss', 'negatives', 'inner_size', 'block')
     losses = ('full', 'sampled')
+    block_kinds = ('preln', 'original')
     sampler = None  # no timesteps
 
     def __init__(self, n_items, max_len=50, hidden_size=64, num_blocks=2, heads=1, dropout=0.2,
-                 emb_dropout=0.2, hidden_act='relu', rank_padding=True, loss='full', negatives=256, inner_size=None):
+                 emb_dropout=0.2, hidden_act='relu', rank_padding=True, loss='full', negatives=256, inner_size=None,
+                 block='preln'):
         super().__init__()
         if loss not in self.losses:
             raise ValueError(f'unknown loss {loss!r}; choose one of {", ".join(self.losses)}')
+        if block not in self.block_kinds:
+            raise ValueError(f'unknown block {block!r}; choose one of {", ".join(self.block_kinds)}')
+        self.block = block
         self.n_items = n_items
         self.loss, self.negatives = loss, negatives
         self.max_len = max_len
@@ -61,7 +67,8 @@ class SASRec(nn.Module):
         nn.init.xavier_normal_(self.item_table.weight)
         nn.init.xavier_normal_(self.position_table.weight)
         self.embed_dropout = Dropout(emb_dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(hidden_size, heads, dropout, hidden_act, inner_size)
+        Block = OriginalBlock if block == 'original' else TransformerBlock
+        self.blocks = nn.ModuleList(Block(hidden_size, heads, dropout, hidden_act, inner_size)
                                     for _ in range(num_blocks))
         self.out_ln = nn.LayerNorm(hidden_size, eps=1e-12)
         self.block_dtype = None  # set by low_precision_copy
@@ -73,7 +80,7 @@ class SASRec(nn.Module):
         return cls(n_items, max_len=c['max_len'], hidden_size=c['hidden_size'], num_blocks=c['num_blocks'],
                    heads=c['heads'], dropout=c['dropout'], emb_dropout=c['emb_dropout'],
                    hidden_act=c['hidden_act'], rank_padding=c['rank_padding'], loss=c['loss'],
-                   negatives=c['negatives'], inner_size=c['inner_size'])
+                   negatives=c['negatives'], inner_size=c['inner_size'], block=c['block'])
 
     @staticmethod
     def training_samples(data, max_len, prefix_samples):
@@ -98,9 +105,15 @@ class SASRec(nn.Module):
         x = self.embed_dropout(x) * mask.unsqueeze(-1).to(x.dtype)
         if self.block_dtype is not None:
             x = x.to(self.block_dtype)
-        _, allowed = attention_mask(mask, 'causal')
+        if self.block == 'original':  # a causal mask only: padding keys are zeroed, not masked
+            allowed = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()[None, None]
+        else:
+            _, allowed = attention_mask(mask, 'causal')
         for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask=allowed, last_only=last_only and i == len(self.blocks) - 1)
+            last = last_only and i == len(self.blocks) - 1
+            x = block(x, attn_mask=allowed, last_only=last)
+            if self.block == 'original':
+                x = x * (mask[:, -1:] if last else mask).unsqueeze(-1).to(x.dtype)
         return self.out_ln(x)
 
     def logits(self, h):
@@ -158,3 +171,26 @@ class SASRec(nn.Module):
         model.out_ln.to(dtype)
         model.block_dtype = dtype
         return model
+
+
+class OriginalBlock(TransformerBlock):
+    """The block of SASRec's original code, as its PyTorch port (SASRec.pytorch) writes it and the code behind
+    the published presets' anchors adapts it (docs/sasrec.md): x (B, L, d) -> (B, L, d), or (B, 1, d) with
+    last_only.
+
+        q = LN1(x);  a = q + MHA(queries q, keys and values x);  y = LN2(a);  out = y + Drop(W2 Drop(act(W1 y)))
+
+    The residuals start from the normalised input, not from x as in a pre-LN block; the attention weights are
+    dropped out, its output is not. The model zeroes the padding positions after every block and masks no
+    padding key (the port passes the causal mask only). The feed-forward is d -> inner_size -> d (4 d when
+    None; the original keeps d). The layers are TransformerBlock's; only their order differs.
+    """
+
+    def forward(self, x, attn_mask=None, last_only=False):
+        q = self.ln_attn(x)
+        a = self.attn(x, attn_mask=attn_mask, last_only=last_only, residual=q[:, -1:] if last_only else q, query=q)
+        y = self.ln_ffn(a)
+        hidden = self.dropout(linear(self.w1, y, self.hidden_act))
+        if self.training:
+            return y + self.dropout(self.w2(hidden))
+        return linear(self.w2, hidden, residual=y)

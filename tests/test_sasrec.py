@@ -95,6 +95,54 @@ def test_sampled_loss_is_the_softmax_over_the_target_and_uniform_negatives():
     assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()  # uniform, padding never
 
 
+def original_block_by_hand(model, seq, mask_padding_keys=False):
+    """SASRec's original block written out plainly (eval mode): q = LN1(x), a = q + MHA(q; x, x) under a causal
+    mask alone (or also masking padding keys), y = LN2(a), out = y + W2 relu(W1 y), padding positions zeroed
+    after every block; then LN."""
+    F = torch.nn.functional
+    L = seq.shape[1]
+    keep = (seq > 0).unsqueeze(-1).float()
+    x = (model.item_table(seq) * model.item_table.embedding_dim ** 0.5 + model.position_table.weight[-L:]) * keep
+    padding_keys = (mask_padding_keys & (seq == 0))[:, None, None, :] & ~torch.eye(L, dtype=torch.bool)  # no empty row
+    hidden = torch.ones(L, L, dtype=torch.bool).triu(1) | padding_keys
+    for block in model.blocks:
+        attn, heads = block.attn, block.attn.heads
+        q = block.ln_attn(x)
+        split = lambda t: t.view(t.shape[0], L, heads, -1).transpose(1, 2)  # noqa: E731
+        Q, K, V = split(attn.q(q)), split(attn.k(x)), split(attn.v(x))
+        weights = (Q @ K.transpose(-2, -1) / Q.shape[-1] ** 0.5).masked_fill(hidden, float('-inf')).softmax(-1)
+        a = q + attn.out((weights @ V).transpose(1, 2).reshape(x.shape))
+        y = block.ln_ffn(a)
+        x = (y + block.w2(F.relu(block.w1(y)))) * keep
+    return model.out_ln(x)
+
+
+def test_original_block_is_the_sasrec_code_block_and_keeps_causality():
+    torch.manual_seed(0)
+    model = SASRec(30, **TINY, block='original', inner_size=16).eval()
+    assert [b.w1.out_features for b in model.blocks] == [16, 16]
+    seq = torch.tensor([[0, 0, 0, 3, 7, 9, 2, 5, 8, 1, 4, 6], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 6]])
+    with torch.no_grad():
+        expected = original_block_by_hand(model, seq)
+        torch.testing.assert_close(model.hidden(seq), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.hidden(seq, last_only=True)[:, -1], expected[:, -1], rtol=1e-5, atol=1e-5)
+        changed = seq.clone()
+        changed[0, 8:] = torch.tensor([11, 12, 13, 14])
+        torch.testing.assert_close(model.hidden(changed)[0, :8], model.hidden(seq)[0, :8], rtol=0, atol=0)
+        # the padding keys are zero vectors, yet not masked: they still shift the real positions' attention
+        masked = original_block_by_hand(model, seq, mask_padding_keys=True)
+        assert torch.isfinite(masked).all() and not torch.allclose(expected[1, -2:], masked[1, -2:], atol=1e-3)
+        fast = model.low_precision_copy().hidden(seq, last_only=True)[:, -1]  # the blocks in bf16
+        assert fast.dtype == torch.bfloat16
+        torch.testing.assert_close(fast.float(), expected[:, -1], rtol=0.05, atol=0.05)
+    model.train()
+    mean, _, _ = model(seq, torch.roll(seq, -1, dims=1) * (seq > 0))
+    mean.backward()
+    assert all(p.grad is not None for p in model.blocks.parameters())
+    with pytest.raises(ValueError, match="unknown block 'post'"):
+        SASRec(30, **TINY, block='post')
+
+
 def test_both_models_go_through_the_same_evaluation():
     data = make_synthetic(n_users=40, n_items=30)
     inputs, labels = build_samples(data, TINY['max_len'])['test']
@@ -151,6 +199,18 @@ def test_inner_size_sets_the_feed_forward_width_and_travels_with_the_run(tmp_pat
     capsys.readouterr()
     assert main.main(['--dataset', 'synthetic', '--inner_size', '24', '--log_file', '']) == 2
     assert '--inner_size configures SASRec and does not apply to --model diffurec' in one_error_line(capsys)
+
+
+def test_original_block_trains_and_travels_with_the_run(tmp_path, capsys):
+    out = str(tmp_path / 'run')
+    assert main.main(FAST + ['--block', 'original', '--epochs', '8', '--eval_interval', '4', '--out_dir', out]) == 0
+    with open(os.path.join(out, 'results.json')) as f:
+        results = json.load(f)
+    assert results['config']['block'] == 'original'
+    assert results['test']['HR@10'] > 5 * 100 * 10 / 200, results['test']
+    capsys.readouterr()
+    assert main.main(['--dataset', 'synthetic', '--block', 'original', '--log_file', '']) == 2
+    assert '--block configures SASRec and does not apply to --model diffurec' in one_error_line(capsys)
 
 
 def one_error_line(capsys):
