@@ -105,15 +105,17 @@ class SASRec(nn.Module):
         x = self.embed_dropout(x) * mask.unsqueeze(-1).to(x.dtype)
         if self.block_dtype is not None:
             x = x.to(self.block_dtype)
+        keep = None  # with the original block: the padding positions zeroed after every block
         if self.block == 'original':  # a causal mask only: padding keys are zeroed, not masked
             allowed = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()[None, None]
+            keep = mask.unsqueeze(-1).to(x.dtype)
         else:
             _, allowed = attention_mask(mask, 'causal')
         for i, block in enumerate(self.blocks):
             last = last_only and i == len(self.blocks) - 1
             x = block(x, attn_mask=allowed, last_only=last)
-            if self.block == 'original':
-                x = x * (mask[:, -1:] if last else mask).unsqueeze(-1).to(x.dtype)
+            if keep is not None:
+                x = x * (keep[:, -1:] if last else keep)
         return self.out_ln(x)
 
     def logits(self, h):

@@ -48,8 +48,9 @@ def export(name: str, data_dir=None, out_dir=None, overwrite: bool = False) -> t
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="to_recbole.py", description="Write a project dataset as RecBole's atomic .inter file "
-                                            "(same sequences, same leave-one-out split).")
+    p = ArgumentParser(prog="to_recbole.py",
+                       description="Write a project dataset as RecBole's atomic .inter file "
+                                   "(same sequences, same leave-one-out split).")
     p.add_argument("name", help="dataset name, as for main.py --dataset")
     p.add_argument("--data_dir", default=None,
                    help="folder holding NAME/dataset.pkl (default: datasets/data of this repository)")

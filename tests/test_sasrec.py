@@ -104,13 +104,13 @@ def original_block_by_hand(model, seq, mask_padding_keys=False):
     keep = (seq > 0).unsqueeze(-1).float()
     x = (model.item_table(seq) * model.item_table.embedding_dim ** 0.5 + model.position_table.weight[-L:]) * keep
     padding_keys = (mask_padding_keys & (seq == 0))[:, None, None, :] & ~torch.eye(L, dtype=torch.bool)  # no empty row
-    hidden = torch.ones(L, L, dtype=torch.bool).triu(1) | padding_keys
+    blocked = torch.ones(L, L, dtype=torch.bool).triu(1) | padding_keys
     for block in model.blocks:
         attn, heads = block.attn, block.attn.heads
         q = block.ln_attn(x)
         split = lambda t: t.view(t.shape[0], L, heads, -1).transpose(1, 2)  # noqa: E731
         Q, K, V = split(attn.q(q)), split(attn.k(x)), split(attn.v(x))
-        weights = (Q @ K.transpose(-2, -1) / Q.shape[-1] ** 0.5).masked_fill(hidden, float('-inf')).softmax(-1)
+        weights = (Q @ K.transpose(-2, -1) / Q.shape[-1] ** 0.5).masked_fill(blocked, float('-inf')).softmax(-1)
         a = q + attn.out((weights @ V).transpose(1, 2).reshape(x.shape))
         y = block.ln_ffn(a)
         x = (y + block.w2(F.relu(block.w1(y)))) * keep
