@@ -25,7 +25,7 @@ RECOMMENDATIONS = 'recommendations.csv'  # --recommend's output unless --out is 
 # Flags added after the first checkpoints were written, with the value those runs had.
 OLD_CONFIG_DEFAULTS = {'model': 'diffurec', 'tensorboard': None, 'approximator': 'transformer', 'sample_steps': None,
                        'precision': 'fp32', 'preset': 'default', 'loss': 'full', 'negatives': 256,
-                       'inner_size': None, 'block': 'preln',
+                       'inner_size': None, 'block': 'preln', 'padding': 'left', 'init': 'xavier',
                        'test_both_protocols': False}
 # Checkpoint entries added later: the planning durations of --time_limit (none timed yet).
 OLD_CHECKPOINT_DEFAULTS = {'timing': {}}

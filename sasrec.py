@@ -22,10 +22,11 @@ from diffurec import Dropout, TransformerBlock, attention_mask, linear
 class SASRec(nn.Module):
     """SASRec over n_items items (ids 1..n_items, 0 = padding); the item table has n_items + 1 rows.
 
-    Embedding: E[seq] sqrt(d) + P (learned positions), dropout, padding positions zeroed. Blocks (block
-    'preln'): pre-LN self-attention and feed-forward with residuals, each position attending only to itself
-    and the real items before it (causal and key mask); block 'original': OriginalBlock. A final LayerNorm
-    gives the hidden state h (B, L, d).
+    Embedding: E[seq] sqrt(d) + P (learned positions, numbered as `padding` says: hidden()), dropout, padding
+    positions zeroed. Blocks (block 'preln'): pre-LN self-attention and feed-forward with residuals, each
+    position attending only to itself and the real items before it (causal and key mask); block 'original':
+    OriginalBlock. A final LayerNorm gives the hidden state h (B, L, d). init 'xavier' (Xavier-normal tables,
+    feed-forward and attention output, PyTorch's defaults elsewhere) or 'normal' (normal_init).
     rank_padding as in DiffuRec: whether the padding row takes part in the softmax and the ranking.
     """
 
@@ -44,20 +45,22 @@ class SASRec(nn.Module):
         'ml-1m': dict(num_blocks=2, dropout=0.1, emb_dropout=0.1, max_len=200, epochs=100, eval_interval=1,
                       patience=10, exclude_history=True, select_metric='NDCG@10'),
     }
-    own_flags = ('preset', 'loss', 'negatives', 'inner_size', 'block')
+    own_flags = ('preset', 'loss', 'negatives', 'inner_size', 'block', 'padding', 'init')
     losses = ('full', 'sampled')
     block_kinds = ('preln', 'original')
+    paddings = ('left', 'right')
+    inits = ('xavier', 'normal')
     sampler = None  # no timesteps
 
     def __init__(self, n_items, max_len=50, hidden_size=64, num_blocks=2, heads=1, dropout=0.2,
                  emb_dropout=0.2, hidden_act='relu', rank_padding=True, loss='full', negatives=256, inner_size=None,
-                 block='preln'):
+                 block='preln', padding='left', init='xavier'):
         super().__init__()
-        if loss not in self.losses:
-            raise ValueError(f'unknown loss {loss!r}; choose one of {", ".join(self.losses)}')
-        if block not in self.block_kinds:
-            raise ValueError(f'unknown block {block!r}; choose one of {", ".join(self.block_kinds)}')
-        self.block = block
+        for name, value, choices in (('loss', loss, self.losses), ('block', block, self.block_kinds),
+                                     ('padding', padding, self.paddings), ('init', init, self.inits)):
+            if value not in choices:
+                raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
+        self.block, self.padding = block, padding
         self.n_items = n_items
         self.loss, self.negatives = loss, negatives
         self.max_len = max_len
@@ -71,6 +74,10 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(hidden_size, heads, dropout, hidden_act, inner_size)
                                     for _ in range(num_blocks))
         self.out_ln = nn.LayerNorm(hidden_size, eps=1e-12)
+        if init == 'normal':
+            self.apply(normal_init)
+            with torch.no_grad():
+                self.item_table.weight[0].zero_()
         self.block_dtype = None  # set by low_precision_copy
 
     @classmethod
@@ -80,7 +87,8 @@ class SASRec(nn.Module):
         return cls(n_items, max_len=c['max_len'], hidden_size=c['hidden_size'], num_blocks=c['num_blocks'],
                    heads=c['heads'], dropout=c['dropout'], emb_dropout=c['emb_dropout'],
                    hidden_act=c['hidden_act'], rank_padding=c['rank_padding'], loss=c['loss'],
-                   negatives=c['negatives'], inner_size=c['inner_size'], block=c['block'])
+                   negatives=c['negatives'], inner_size=c['inner_size'], block=c['block'],
+                   padding=c['padding'], init=c['init'])
 
     @staticmethod
     def training_samples(data, max_len, prefix_samples):
@@ -96,21 +104,32 @@ class SASRec(nn.Module):
         return (targets > 0).sum()
 
     def hidden(self, seq, last_only=False):
-        """seq (B, L) long, left-padded -> h (B, L, d), or (B, 1, d) of the last position with last_only."""
+        """seq (B, L) long, left-padded -> h (B, L, d), or (B, 1, d) of the last position with last_only.
+
+        padding 'left': the last position takes the last row of the position table, and the original block
+        attends to the (zeroed) padding positions too. padding 'right': what the same items right-padded give
+        (the layout of Klenitskiy & Vasilev's code and RecBole's), computed on the left-padded batch: each
+        user's first item takes row 0, and no padding position is ever a key.
+        """
         L = seq.shape[1]
         if L > self.max_len:
             raise ValueError(f'sequences of length {L} exceed the {self.max_len} learned positions')
         mask = seq > 0
-        x = self.item_table(seq) * math.sqrt(self.item_table.embedding_dim) + self.position_table.weight[-L:]
+        if self.padding == 'right':
+            positions = self.position_table((mask.cumsum(1) - 1).clamp(min=0))
+        else:
+            positions = self.position_table.weight[-L:]
+        x = self.item_table(seq) * math.sqrt(self.item_table.embedding_dim) + positions
         x = self.embed_dropout(x) * mask.unsqueeze(-1).to(x.dtype)
         if self.block_dtype is not None:
             x = x.to(self.block_dtype)
         keep = None  # with the original block: the padding positions zeroed after every block
-        if self.block == 'original':  # a causal mask only: padding keys are zeroed, not masked
+        if self.block == 'original' and self.padding == 'left':  # a causal mask only: padding keys not masked
             allowed = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()[None, None]
-            keep = mask.unsqueeze(-1).to(x.dtype)
         else:
             _, allowed = attention_mask(mask, 'causal')
+        if self.block == 'original':
+            keep = mask.unsqueeze(-1).to(x.dtype)
         for i, block in enumerate(self.blocks):
             last = last_only and i == len(self.blocks) - 1
             x = block(x, attn_mask=allowed, last_only=last)
@@ -173,6 +192,18 @@ class SASRec(nn.Module):
         model.out_ln.to(dtype)
         model.block_dtype = dtype
         return model
+
+
+def normal_init(module):
+    """init 'normal', the initialisation of Klenitskiy & Vasilev's SASRec (and RecBole's): every linear layer's
+    weight and every embedding from N(0, 0.02^2), biases zero, LayerNorm at one and zero."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class OriginalBlock(TransformerBlock):

@@ -11,10 +11,10 @@ def test_saved_config_completes_an_old_config_and_falls_back_to_config_json(tmp_
     assert rundir.saved_config(str(tmp_path), {'config': old}) == {
         **old, 'model': 'diffurec', 'tensorboard': None, 'approximator': 'transformer', 'sample_steps': None,
         'precision': 'fp32', 'preset': 'default', 'loss': 'full', 'negatives': 256, 'inner_size': None,
-        'block': 'preln', 'test_both_protocols': False}
+        'block': 'preln', 'padding': 'left', 'init': 'xavier', 'test_both_protocols': False}
     new = {**old, 'model': 'sasrec', 'tensorboard': 'tb', 'approximator': 'gru', 'sample_steps': 4,
            'precision': 'bf16', 'preset': 'published', 'loss': 'sampled', 'negatives': 64, 'inner_size': 64,
-           'block': 'original', 'test_both_protocols': True}
+           'block': 'original', 'padding': 'right', 'init': 'normal', 'test_both_protocols': True}
     assert rundir.saved_config(str(tmp_path), {'config': new}) == new  # a saved value is never replaced
     (tmp_path / rundir.CONFIG).write_text(json.dumps(new))
     assert rundir.saved_config(str(tmp_path), {'model': {}}) == new  # a checkpoint without its config

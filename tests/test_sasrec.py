@@ -95,14 +95,16 @@ def test_sampled_loss_is_the_softmax_over_the_target_and_uniform_negatives():
     assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()  # uniform, padding never
 
 
-def original_block_by_hand(model, seq, mask_padding_keys=False):
+def original_block_by_hand(model, seq, mask_padding_keys=False, right_padded=False):
     """SASRec's original block written out plainly (eval mode): q = LN1(x), a = q + MHA(q; x, x) under a causal
     mask alone (or also masking padding keys), y = LN2(a), out = y + W2 relu(W1 y), padding positions zeroed
-    after every block; then LN."""
+    after every block; then LN. The positions end with the last row of the table, or with right_padded (seq
+    padded on the right, as Klenitskiy & Vasilev's code does) start with its first."""
     F = torch.nn.functional
     L = seq.shape[1]
     keep = (seq > 0).unsqueeze(-1).float()
-    x = (model.item_table(seq) * model.item_table.embedding_dim ** 0.5 + model.position_table.weight[-L:]) * keep
+    positions = model.position_table.weight[:L] if right_padded else model.position_table.weight[-L:]
+    x = (model.item_table(seq) * model.item_table.embedding_dim ** 0.5 + positions) * keep
     padding_keys = (mask_padding_keys & (seq == 0))[:, None, None, :] & ~torch.eye(L, dtype=torch.bool)  # no empty row
     blocked = torch.ones(L, L, dtype=torch.bool).triu(1) | padding_keys
     for block in model.blocks:
@@ -141,6 +143,54 @@ def test_original_block_is_the_sasrec_code_block_and_keeps_causality():
     assert all(p.grad is not None for p in model.blocks.parameters())
     with pytest.raises(ValueError, match="unknown block 'post'"):
         SASRec(30, **TINY, block='post')
+
+
+def test_padding_right_is_what_right_padded_sequences_give():
+    histories = [[3, 7, 9, 2, 5, 8, 1, 4, 6], [4, 6], [11, 2, 2, 9, 5]]
+    L = TINY['max_len']
+    left = torch.tensor([[0] * (L - len(h)) + h for h in histories])
+    right = torch.tensor([h + [0] * (L - len(h)) for h in histories])
+    torch.manual_seed(0)
+    model = SASRec(30, **TINY, block='original', inner_size=16, padding='right').eval()
+    with torch.no_grad():
+        expected = original_block_by_hand(model, right, right_padded=True)
+        got = model.hidden(left)
+        for row, h in enumerate(histories):
+            torch.testing.assert_close(got[row, L - len(h):], expected[row, :len(h)], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.hidden(left, last_only=True)[:, -1], got[:, -1], rtol=1e-5, atol=1e-5)
+    # Both blocks: a new item leaves the hidden states of the items before it as they were with 'right' (their
+    # positions stay), and moves every one of them with 'left' (each moves one position back).
+    longer = torch.tensor([[0] * (L - 10) + histories[0] + [10]])
+    for block in SASRec.block_kinds:
+        for padding, same in (('right', True), ('left', False)):
+            torch.manual_seed(0)
+            model = SASRec(30, **TINY, block=block, padding=padding).eval()
+            with torch.no_grad():
+                before, after = model.hidden(left[:1])[0, -9:], model.hidden(longer)[0, -10:-1]
+            assert torch.allclose(before, after, atol=1e-5) == same, (block, padding)
+    model.train()
+    mean, _, _ = model(left, torch.roll(left, -1, dims=1) * (left > 0))
+    mean.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown padding 'middle'"):
+        SASRec(30, **TINY, padding='middle')
+
+
+def test_init_normal_draws_every_weight_from_n_0_002():
+    torch.manual_seed(0)
+    model = SASRec(3000, hidden_size=64, num_blocks=2, heads=1, max_len=200, init='normal')
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    assert len(weights) == 2 + 2 * 6  # the two tables; q, k, v, out, w1, w2 of each block
+    for w in weights:
+        assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002, w.shape
+    assert model.item_table.weight[0].abs().max() == 0  # the padding row starts at zero
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(b.abs().max() == 0 for b in biases)
+    default = SASRec(3000, hidden_size=64, num_blocks=2, heads=1, max_len=200)  # xavier: std sqrt(2 / (n + d))
+    assert abs(default.item_table.weight.std().item() - (2 / (3001 + 64)) ** 0.5) < 0.002
+    assert abs(default.blocks[0].w1.weight.std().item() - (2 / (64 + 256)) ** 0.5) < 0.005
+    with pytest.raises(ValueError, match="unknown init 'uniform'"):
+        SASRec(30, **TINY, init='uniform')
 
 
 def test_both_models_go_through_the_same_evaluation():
@@ -211,6 +261,20 @@ def test_original_block_trains_and_travels_with_the_run(tmp_path, capsys):
     capsys.readouterr()
     assert main.main(['--dataset', 'synthetic', '--block', 'original', '--log_file', '']) == 2
     assert '--block configures SASRec and does not apply to --model diffurec' in one_error_line(capsys)
+
+
+def test_padding_and_init_travel_with_the_run(tmp_path, capsys):
+    out = str(tmp_path / 'run')
+    assert main.main(FAST + ['--padding', 'right', '--init', 'normal', '--epochs', '2', '--eval_interval', '1',
+                             '--limit_train_batches', '1', '--out_dir', out]) == 0
+    with open(os.path.join(out, 'results.json')) as f:
+        config = json.load(f)['config']
+    assert (config['padding'], config['init']) == ('right', 'normal')
+    assert main.main(['--recommend', out, '--topk', '3', '--log_file', '']) == 0
+    capsys.readouterr()
+    for flag, value in (('--padding', 'right'), ('--init', 'normal')):
+        assert main.main(['--dataset', 'synthetic', flag, value, '--log_file', '']) == 2
+        assert f'{flag} configures SASRec and does not apply to --model diffurec' in one_error_line(capsys)
 
 
 def one_error_line(capsys):
