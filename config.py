@@ -82,8 +82,9 @@ def model_flags(parser):
                             'padding keys; right = as right-padded sequences (positions from the first item, '
                             'padding never a key), the layout of Klenitskiy & Vasilev\'s code')
     model.add_argument('--init', default='xavier', choices=list(MODELS['sasrec'].inits),
-                       help='sasrec: xavier = Xavier-normal tables, feed-forward and attention output; normal = N(0, 0.02^2) for '
-                            'every linear layer and embedding (Klenitskiy & Vasilev\'s, RecBole\'s)')
+                       help='sasrec: xavier = Xavier-normal tables, feed-forward and attention output; '
+                            'normal = N(0, 0.02^2) for every linear layer and embedding (Klenitskiy & Vasilev\'s, '
+                            'RecBole\'s)')
     model.add_argument('--inner_size', type=positive_int, default=None,
                        help='sasrec: width of the blocks\' feed-forward layer (default 4 x --hidden_size)')
     model.add_argument('--hidden_size', type=positive_int, default=128, help='embedding size d')

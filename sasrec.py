@@ -123,13 +123,12 @@ class SASRec(nn.Module):
         x = self.embed_dropout(x) * mask.unsqueeze(-1).to(x.dtype)
         if self.block_dtype is not None:
             x = x.to(self.block_dtype)
-        keep = None  # with the original block: the padding positions zeroed after every block
+        # the original block zeroes the padding positions after every block
+        keep = mask.unsqueeze(-1).to(x.dtype) if self.block == 'original' else None
         if self.block == 'original' and self.padding == 'left':  # a causal mask only: padding keys not masked
             allowed = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()[None, None]
         else:
             _, allowed = attention_mask(mask, 'causal')
-        if self.block == 'original':
-            keep = mask.unsqueeze(-1).to(x.dtype)
         for i, block in enumerate(self.blocks):
             last = last_only and i == len(self.blocks) - 1
             x = block(x, attn_mask=allowed, last_only=last)
