@@ -195,13 +195,10 @@ class SASRec(nn.Module):
 
 def normal_init(module):
     """init 'normal', the initialisation of Klenitskiy & Vasilev's SASRec (and RecBole's): every linear layer's
-    weight and every embedding from N(0, 0.02^2), biases zero, LayerNorm at one and zero."""
+    weight and every embedding from N(0, 0.02^2), biases zero (LayerNorm keeps its construction's one and zero)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, 0.0, 0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 
 
