@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import cli
 import utils
 from data import DataError, build_samples, load_dataset
 from config import build_parser, check_config, given_flags, set_presets
@@ -38,14 +39,14 @@ def bench_parser():
     parser.prog = 'bench.py'
     parser.description = 'Time DiffuRec (or SASRec) training steps and evaluation batches.'
     bench = parser.add_argument_group('benchmark')
-    bench.add_argument('--steps', type=utils.positive_int, default=10, help='training steps to time')
-    bench.add_argument('--eval_batches', type=utils.positive_int, default=2, help='evaluation batches to time')
-    bench.add_argument('--warmup', type=utils.non_negative_int, default=2, help='untimed steps (and batches) first')
-    bench.add_argument('--threads', type=utils.positive_int, default=None,
+    bench.add_argument('--steps', type=cli.positive_int, default=10, help='training steps to time')
+    bench.add_argument('--eval_batches', type=cli.positive_int, default=2, help='evaluation batches to time')
+    bench.add_argument('--warmup', type=cli.non_negative_int, default=2, help='untimed steps (and batches) first')
+    bench.add_argument('--threads', type=cli.positive_int, default=None,
                        help='torch CPU threads (default: torch\'s)')
     bench.add_argument('--compare', action='store_true', help='also time the plain spec implementation')
     bench.add_argument('--json', default=None, metavar='PATH', help='also write the figures as JSON')
-    bench.add_argument('--profile', type=utils.non_negative_int, default=0, metavar='N',
+    bench.add_argument('--profile', type=cli.non_negative_int, default=0, metavar='N',
                        help='also profile one training step and one evaluation batch: their N costliest operators')
     return parser
 
@@ -59,7 +60,7 @@ def parse_args(argv=None):
     if misplaced:
         raise ValueError(f'--{misplaced[0]} does not apply to bench.py (it times steps and writes no run); '
                          f'drop it')
-    utils.check_not_empty(parser, cfg)
+    cli.check_not_empty(parser, cfg)
     return cfg
 
 
@@ -228,7 +229,7 @@ def main(argv=None):
         if cfg.compare and model_class(cfg.model) is not DiffuRec:
             raise ValueError(f'--compare times the plain implementation of DiffuRec; drop it with --model {cfg.model}')
         if cfg.json is not None:  # its folder is made and proven writable before the minutes of timing
-            utils.writable_file(cfg.json, '--json')
+            cli.writable_file(cfg.json, '--json')
         device = utils.choose_device(cfg.device)
         data = load_dataset(cfg.dataset, cfg.data_dir)
     except (ValueError, DataError) as e:

@@ -9,12 +9,12 @@ import argparse
 import math
 import os
 
-import utils
+import cli
 from data import DEFAULT_DATA_DIR
 from metrics import metric_names
 from model import MODELS, foreign_flags
 import rundir
-from utils import duration, finite_float, positive_int
+from cli import duration, finite_float, positive_int
 
 METRIC_CHOICES = ('batch', 'user')
 
@@ -41,10 +41,10 @@ RESUME_MAY_CHANGE = {'resume', 'device', 'num_gpu', 'data_dir', 'log_file', 'des
 
 def build_parser():
     """main.py's parser: every flag, grouped as `python main.py --help` lists them."""
-    parser = utils.ArgumentParser(prog='main.py',
-                                  description='DiffuRec (Li, Sun, Li, TOIS 2024): a diffusion model for sequential '
-                                              'recommendation. Defaults reproduce the authors\' code.',
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(prog='main.py',
+                                description='DiffuRec (Li, Sun, Li, TOIS 2024): a diffusion model for sequential '
+                                            'recommendation. Defaults reproduce the authors\' code.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for add in (data_flags, model_flags, training_flags, evaluation_flags, run_flags, recommend_flags):
         add(parser)
     return parser
@@ -130,7 +130,7 @@ def training_flags(parser):
                        help='kept for compatibility: the reference objective never uses it')
     train.add_argument('--update_lossaware', action='store_true',
                        help='feed per-sample losses to the lossaware sampler (the reference never does)')
-    train.add_argument('--random_seed', type=utils.seed, default=1997, help='seed of every generator')
+    train.add_argument('--random_seed', type=cli.seed, default=1997, help='seed of every generator')
     train.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
                        help='bf16: training under autocast, evaluation with a bf16 copy of the approximator')
     train.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA)')
@@ -187,7 +187,7 @@ def run_flags(parser):
     run.add_argument('--tensorboard', default=None, metavar='DIR',
                      help='also log the training loss, learning rate and validation metrics per epoch for '
                           'TensorBoard in DIR (needs the tensorboard package)')
-    run.add_argument('--seeds', type=utils.seed, nargs='+', default=None, metavar='S',
+    run.add_argument('--seeds', type=cli.seed, nargs='+', default=None, metavar='S',
                      help='one run per seed in <out_dir>/seed_<S>/, then mean +- std in <out_dir>/aggregate.json')
 
 
@@ -209,7 +209,7 @@ def resolve(argv=None):
     parser = set_presets(build_parser(), argv)
     cfg = normalise(parser.parse_args(argv))
     given = given_flags(parser, argv)
-    utils.check_not_empty(parser, cfg, EMPTY_MEANS)
+    cli.check_not_empty(parser, cfg, EMPTY_MEANS)
     misplaced = sorted(RECOMMEND_ONLY & given) if not cfg.recommend else []
     if misplaced:
         raise ValueError(f'--{misplaced[0]} is for --recommend RUN_DIR; add --recommend or drop --{misplaced[0]}')

@@ -16,6 +16,8 @@ import warnings
 import torch
 
 import rundir
+import cli
+import dist_util
 import utils
 from board import require_tensorboard
 from aggregate import aggregate_results, aggregate_table
@@ -37,7 +39,7 @@ def check_start(cfg):
     (proven writable, and left as they were), so that no run loses its work to a bad path at its end.
     Raises ValueError or DataError with one line naming the flag and the fix."""
     check_config(cfg)
-    rank, world, _ = utils.torchrun_env()
+    rank, world, _ = dist_util.torchrun_env()
     keep = world > 1  # the processes check the same folders at once: none may remove what another probes
     if cfg.num_gpu > 1 and world == 1:  # under torchrun --num_gpu is ignored: torchrun sets the processes
         raise ValueError(f'--num_gpu {cfg.num_gpu}: several GPUs run through torchrun, e.g. '
@@ -46,19 +48,19 @@ def check_start(cfg):
         check_world(cfg, world)
     utils.check_device(cfg.device)
     if cfg.category_file is not None:
-        utils.readable_file(cfg.category_file, '--category_file')
+        cli.readable_file(cfg.category_file, '--category_file')
     if cfg.tensorboard is not None:
         require_tensorboard()  # its absence is an error before any work
-        utils.writable_dir(cfg.tensorboard, '--tensorboard', create=keep)
+        cli.writable_dir(cfg.tensorboard, '--tensorboard', create=keep)
     if cfg.recommend:  # reads the run's own dataset; writes one file
         check_run_dir(cfg.recommend, '--recommend')
-        utils.writable_file(rundir.recommendations_file(cfg.recommend, cfg.out), '--out', create=keep)
+        cli.writable_file(rundir.recommendations_file(cfg.recommend, cfg.out), '--out', create=keep)
         return
     check_available(cfg.dataset, cfg.data_dir)
     if cfg.log_file:
-        utils.writable_dir(cfg.log_file, '--log_file', create=keep)
+        cli.writable_dir(cfg.log_file, '--log_file', create=keep)
     check_out_dir(cfg)
-    utils.writable_dir(cfg.out_dir or os.path.join('runs', cfg.dataset), '--out_dir', create=keep)
+    cli.writable_dir(cfg.out_dir or os.path.join('runs', cfg.dataset), '--out_dir', create=keep)
 
 
 def check_world(cfg, world):
@@ -139,13 +141,13 @@ Processes = collections.namedtuple('Processes', 'rank world device')
 def start_processes(cfg):
     """This process's rank among `world` (torchrun's, else 0 of 1), its device, the process group joined and
     every generator seeded with --random_seed."""
-    rank, world, local_rank = utils.torchrun_env()
+    rank, world, local_rank = dist_util.torchrun_env()
     device = utils.choose_device(cfg.device, local_rank)
     if cfg.precision == 'bf16' and utils.bf16_is_emulated(device):
         warnings.warn('--precision bf16: this CPU has no native bf16 instructions (AVX-512 BF16 or AMX), so its '
                       'bf16 products are emulated and slower than fp32; use --precision fp32 here', stacklevel=1)
     if world > 1:
-        utils.init_distributed(device, rank, world)
+        dist_util.init_distributed(device, rank, world)
     utils.set_seed(cfg.random_seed)
     return Processes(rank, world, device)
 
@@ -166,11 +168,11 @@ def load_samples(cfg, device):
 def open_run_dir(cfg, rank, world):
     """(the run folder, chosen by rank 0 and made, with config.json written; the run's log, with its copy in
     --log_file). Only rank 0 prints and writes files."""
-    run_dir = utils.from_rank0(lambda: make_run_dir(cfg), rank, world)
+    run_dir = dist_util.from_rank0(lambda: make_run_dir(cfg), rank, world)
     log_paths = [os.path.join(run_dir, rundir.LOG)]
     if cfg.log_file:
         if rank == 0:
-            utils.writable_dir(cfg.log_file, '--log_file')
+            cli.writable_dir(cfg.log_file, '--log_file')
         log_paths.append(os.path.join(cfg.log_file, log_copy_name(cfg.dataset, run_dir)))
     log = utils.RunLog(log_paths, enabled=rank == 0)
     if rank == 0:
@@ -252,11 +254,11 @@ def run_seeds(cfg):
         raise ValueError('--seeds cannot be combined with --resume; resume each <out_dir>/seed_<S> run on its own')
     if cfg.time_limit:
         raise ValueError('--seeds cannot be combined with --time_limit; run each seed on its own with --random_seed')
-    rank, world, local_rank = utils.torchrun_env()
+    rank, world, local_rank = dist_util.torchrun_env()
     if world > 1:  # joined here already, for the broadcast of the base folder; run() finds it joined
         check_world(cfg, world)
-        utils.init_distributed(utils.choose_device(cfg.device, local_rank), rank, world)
-    base = utils.from_rank0(lambda: make_run_dir(cfg), rank, world)
+        dist_util.init_distributed(utils.choose_device(cfg.device, local_rank), rank, world)
+    base = dist_util.from_rank0(lambda: make_run_dir(cfg), rank, world)
     per_seed = {}
     for seed in cfg.seeds:
         one = argparse.Namespace(**{**vars(cfg), 'random_seed': seed, 'seeds': None,
@@ -309,9 +311,9 @@ def main(argv=None, clock=time.monotonic):
         print(str(e), file=sys.stderr)
         return STOPPED
     finally:
-        utils.end_distributed(together)
+        dist_util.end_distributed(together)
     return DONE
 
 
 if __name__ == '__main__':
-    utils.exit_process(main())
+    dist_util.exit_process(main())

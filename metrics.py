@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import utils
+import dist_util
 
 
 def metric_names(ks):
@@ -177,7 +177,7 @@ def evaluate(model, inputs, labels, ks, batch_size, device, metric_average='batc
         dist.all_reduce(counts)
         if topk_items is not None:
             mine = torch.cat(topk_items) if topk_items else torch.zeros(0, max(ks), dtype=torch.long)
-            topk_items[:] = [utils.all_gather_varlen(mine.flatten().to(device)).view(-1, max(ks)).cpu()]
+            topk_items[:] = [dist_util.all_gather_varlen(mine.flatten().to(device)).view(-1, max(ks)).cpu()]
     return average_metrics(sums.cpu(), counts.cpu(), ks, metric_average)
 
 

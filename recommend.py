@@ -11,6 +11,7 @@ import os
 
 import torch
 
+import cli
 import utils
 from config import check_sample_steps
 from data import DataError, build_samples, full_history_inputs, histories, load_dataset, samples_checksum
@@ -118,7 +119,7 @@ def recommend(cfg, default_data_dir):
     device = utils.choose_device(cfg.device)
     utils.set_seed(cfg.random_seed)
     inputs = full_history_inputs(data, config['max_len'])
-    utils.writable_file(out, '--out')  # its folder, made before the minutes of scoring
+    cli.writable_file(out, '--out')  # its folder, made before the minutes of scoring
     print(f'recommending with {"all" if sample_steps is None else sample_steps} sampling steps, {precision}')
     items, scores = top_items(model.to(device), inputs, histories(data, 'all'), cfg.topk, cfg.batch_size, device,
                               exclude_history=cfg.exclude_history, precision=precision, sample_steps=sample_steps)

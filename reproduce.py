@@ -29,6 +29,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import config
+import cli
 import utils
 from aggregate import PROTOCOLS, aggregate_results
 from plots import plot_reproduction
@@ -72,17 +73,18 @@ PROGRESS_BAR = re.compile(r'\d+%\|')  # tqdm's lines on stderr, left out of the 
 
 
 def build_parser():
-    p = utils.ArgumentParser(prog='reproduce.py', description='Run DiffuRec on the paper\'s datasets and seeds and compare with the paper\'s Table 2 '
-                           '(with --model sasrec: with the published SASRec rows). '
-                           'Every flag not listed here is passed to main.py (python main.py --help).')
+    p = cli.ArgumentParser(prog='reproduce.py',
+                           description='Run DiffuRec on the paper\'s datasets and seeds and compare with the '
+                                       'paper\'s Table 2 (with --model sasrec: with the published SASRec rows). '
+                                       'Every flag not listed here is passed to main.py (python main.py --help).')
     p.add_argument('--datasets', nargs='+', default=None, metavar='D',
                    help=f'datasets (default {" ".join(DEFAULT_DATASETS)}, or the first call\'s)')
-    p.add_argument('--seeds', type=utils.seed, nargs='+', default=None, metavar='S',
+    p.add_argument('--seeds', type=cli.seed, nargs='+', default=None, metavar='S',
                    help=f'seeds (default {" ".join(map(str, DEFAULT_SEEDS))}, or the first call\'s)')
     p.add_argument('--out', default='runs/reproduce', help='folder of the runs and the report')
-    p.add_argument('--time_limit', type=utils.duration, default=None, metavar='T',
+    p.add_argument('--time_limit', type=cli.duration, default=None, metavar='T',
                    help='budget of this call (seconds, or a number with s/m/h); when spent: checkpoints, exit 3')
-    p.add_argument('--parallel', type=utils.positive_int, default=1, metavar='N', help='runs side by side')
+    p.add_argument('--parallel', type=cli.positive_int, default=1, metavar='N', help='runs side by side')
     p.add_argument('--report', action='store_true', help='only write the report of the finished runs in --out')
     p.add_argument('--export', default=None, metavar='DIR',
                    help='write the report, then copy it and each finished run\'s evidence (no checkpoints) to DIR, '
@@ -511,7 +513,7 @@ def export_evidence(out, dest):
     if is_inside(dest, out):
         raise ValueError(f'--export {dest}: a folder inside --out; choose another one, e.g. results/diffurec')
     report = write_report(out)  # first: with nothing to report, nothing is made at dest
-    utils.writable_dir(dest, '--export')
+    cli.writable_dir(dest, '--export')
     runs = [run_dir('', d, s) for d, entry in report['datasets'].items() for s in entry['seeds']]
     written = 0
     for name in list(REPORT_FILES) + [os.path.join(run, e) for run in runs for e in EVIDENCE]:
@@ -535,7 +537,7 @@ def export_evidence(out, dest):
 def reproduce(argv, runner):
     parser = build_parser()
     args, flags = parser.parse_known_args(argv)
-    utils.check_not_empty(parser, args)
+    cli.check_not_empty(parser, args)
     out = os.path.abspath(args.out)
     if args.report or args.export:
         extra = flags + [f'--{n}' for n in ('datasets', 'seeds', 'time_limit') if getattr(args, n) is not None]
@@ -549,7 +551,7 @@ def reproduce(argv, runner):
     check_main_flags(flags)
     state, existing = load_state(out, args, flags)
     check_configs(flags, state['datasets'])
-    utils.writable_dir(out, '--out')  # before any run: a bad --out must not surface at the report
+    cli.writable_dir(out, '--out')  # before any run: a bad --out must not surface at the report
     if not existing:
         utils.write_json(state, os.path.join(out, STATE_FILE))
     smoke = is_smoke(flags)

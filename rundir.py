@@ -18,7 +18,7 @@ import os
 
 import torch
 
-import utils
+import cli
 
 CONFIG, CHECKPOINT, METRICS, LOG, RESULTS = 'config.json', 'checkpoint.pt', 'metrics.csv', 'log.txt', 'results.json'
 RECOMMENDATIONS = 'recommendations.csv'  # --recommend's output unless --out is given
@@ -90,7 +90,7 @@ def make_run_dir(cfg):
         suffix = 1
         while os.path.exists(path):
             path, suffix = os.path.join('runs', cfg.dataset, f'{stamp}-{suffix}'), suffix + 1
-    return utils.writable_dir(path, '--out_dir')
+    return cli.writable_dir(path, '--out_dir')
 
 
 def recommendations_file(run_dir, out=None):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import rundir
+import dist_util
 import utils
 from metrics import evaluate, format_metrics, metric_names
 from board import open_board
@@ -265,7 +266,7 @@ class Trainer:
         """--update_lossaware: give the loss-aware sampler every sample's loss (from every process)."""
         t, losses = t.detach(), losses.detach().float()
         if self.world > 1:
-            t, losses = utils.all_gather_varlen(t), utils.all_gather_varlen(losses)
+            t, losses = dist_util.all_gather_varlen(t), dist_util.all_gather_varlen(losses)
         if hasattr(self.module.sampler, 'update_with_all_losses'):
             self.module.sampler.update_with_all_losses(t.cpu().numpy(), losses.cpu().numpy())
 

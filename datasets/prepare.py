@@ -75,8 +75,9 @@ import numpy as np
 if __name__ == "__main__":  # run as a script from datasets/: the project's modules live one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import DEFAULT_DATA_DIR as _DATA_DIR, DataError, check_name  # noqa: E402
-from utils import (ArgumentParser, check_not_empty, finite_float, non_negative_int, readable_file,  # noqa: E402
-                   writable_dir, write_atomic)
+from cli import (ArgumentParser, check_not_empty, finite_float, non_negative_int, readable_file,  # noqa: E402
+                 writable_dir)
+from utils import write_atomic  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(_DATA_DIR)
 FORMATS = ("auto", "csv", "tsv", "recbole", "amazon", "movielens")

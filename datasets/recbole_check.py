@@ -33,7 +33,8 @@ if __name__ == "__main__":  # run as a script from datasets/: the project's modu
 from metrics import average_metrics, format_metrics, metric_sums  # noqa: E402
 from prepare import one_line_errors  # noqa: E402
 from stopping import BAD_INPUT, DONE, PAUSED  # noqa: E402
-from utils import ArgumentParser, duration, write_atomic, write_json  # noqa: E402
+from cli import ArgumentParser, duration  # noqa: E402
+from utils import write_atomic, write_json  # noqa: E402
 
 DEFAULT_CONFIG = HERE / "recbole_sasrec.yaml"
 RESUME, BEST, RESULTS, LOG = "resume.pth", "best.pth", "results.json", "log.txt"

@@ -26,7 +26,8 @@ if __name__ == "__main__":  # run as a script from datasets/ (where prepare.py l
     sys.path.insert(0, str(HERE.parent))
 from data import DEFAULT_DATA_DIR, DataError, check_name, load_dataset  # noqa: E402
 from prepare import inter_lines, one_line_errors  # noqa: E402
-from utils import ArgumentParser, write_atomic  # noqa: E402
+from cli import ArgumentParser  # noqa: E402
+from utils import write_atomic  # noqa: E402
 
 DEFAULT_OUT_DIR = HERE / "recbole"
 

@@ -59,12 +59,12 @@ def test_resume_compares_normalised_flags(tmp_path):
 
 def seeds_as_rank(monkeypatch, tmp_path, rank):
     """run_seeds as process `rank` of 2 under torchrun, with run() stubbed out and rank 0's base folder
-    chosen by rank 0 alone (utils.from_rank0 on rank 1 stands for the broadcast it receives)."""
+    chosen by rank 0 alone (dist_util.from_rank0 on rank 1 stands for the broadcast it receives)."""
     base = tmp_path / 'base'
     calls = []
-    monkeypatch.setattr(main.utils, 'torchrun_env', lambda: (rank, 2, rank))
-    monkeypatch.setattr(main.utils, 'init_distributed', lambda device, rank, world: None)
-    monkeypatch.setattr(main.utils, 'from_rank0',
+    monkeypatch.setattr(main.dist_util, 'torchrun_env', lambda: (rank, 2, rank))
+    monkeypatch.setattr(main.dist_util, 'init_distributed', lambda device, rank, world: None)
+    monkeypatch.setattr(main.dist_util, 'from_rank0',
                         lambda make, r, world: make() if r == 0 else str(base))
     test = {'HR@10': 1.0}
 

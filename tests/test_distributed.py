@@ -124,13 +124,13 @@ def test_seeds_under_two_processes_write_one_folder_and_one_aggregate(tmp_path):
 
 @pytest.mark.parametrize('world', ['1', '2'])
 def test_a_torchrun_process_exits_with_its_status_and_output_but_without_teardown(world):
-    """utils.exit_process: one of several processes leaves by os._exit (no atexit handler, so no interpreter
+    """dist_util.exit_process: one of several processes leaves by os._exit (no atexit handler, so no interpreter
     teardown for gloo's threads to abort in), its status and buffered output intact; a lone process exits as
     usual."""
-    script = ('import atexit, sys, utils\n'
+    script = ('import atexit, sys, dist_util\n'
               'atexit.register(lambda: print("teardown ran"))\n'
               'print("buffered line", end="")\n'
-              'utils.exit_process(3)\n')
+              'dist_util.exit_process(3)\n')
     env = {**os.environ, 'WORLD_SIZE': world}
     proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)

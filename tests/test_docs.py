@@ -1,5 +1,5 @@
 """The documentation: README's links resolve, docs/flags.md lists every flag, no machine's paths (nor in the
-committed evidence), README's size."""
+committed evidence), README's size and its layout table."""
 import re
 from pathlib import Path
 
@@ -113,6 +113,15 @@ def test_readme_is_a_front_page():
     text = README.read_text(encoding='utf-8')
     assert '\n```bash\npython -m pytest -q\n```' in text or '\npython -m pytest -q\n' in text
     assert len(re.findall(r'^\| `results\.json` \|', text, re.M)) == 1  # one row of the outputs table
+
+
+def test_readme_layout_has_a_row_for_every_top_level_module():
+    text = README.read_text(encoding='utf-8').split('\n## Layout\n', 1)[1].split('\n## ', 1)[0]
+    listed = {name for line in text.splitlines() if line.startswith('| `')
+              for name in re.findall(r'`([\w.]+)`', line.split('|')[1])}
+    modules = {p.name for p in ROOT.glob('*.py')}
+    assert modules - listed == set(), 'modules without a row in README\'s Layout'
+    assert {'main.py', 'utils.py', 'cli.py', 'dist_util.py'} <= modules
 
 
 def test_readme_names_every_key_of_results_json(tmp_path):

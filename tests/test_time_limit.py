@@ -12,7 +12,7 @@ import torch
 
 import config
 import main
-import utils
+import cli
 from metrics import metric_names
 import stopping
 
@@ -49,7 +49,7 @@ def test_a_run_cut_by_its_time_limit_ends_as_the_whole_run(tmp_path, clock, caps
         assert main.main(argv + ['--time_limit', limit], clock=clock) == 3
         err = capsys.readouterr().err
         [line] = stop_lines(err)
-        shown = stopping.format_duration(utils.duration(limit))
+        shown = stopping.format_duration(cli.duration(limit))
         assert line.startswith(f'time limit {shown}: stopped {where} with '), line
         assert line.endswith(f'checkpoint written. Resume with: python main.py --resume {cut} --time_limit {shown}')
         assert 'Traceback' not in err and not os.path.exists(os.path.join(cut, 'results.json'))
@@ -87,13 +87,13 @@ def test_the_limit_is_per_invocation_and_may_be_given_with_resume(tmp_path, cloc
 @pytest.mark.parametrize('text, seconds', [('90', 90), ('90s', 90), ('9m', 540), ('1.5h', 5400), ('.5', 0.5),
                                            ('2.m', 120)])
 def test_duration_parses_seconds_and_suffixes(text, seconds):
-    assert utils.duration(text) == seconds
+    assert cli.duration(text) == seconds
 
 
 @pytest.mark.parametrize('text', ['', 'm', 'abc', '0', '0s', '-5', '5d', '9M', 'inf', 'nan', '1e3', '1h30m'])
 def test_a_bad_time_limit_is_one_argparse_error(text, capsys):
     with pytest.raises(argparse.ArgumentTypeError):
-        utils.duration(text)
+        cli.duration(text)
     assert main.main(['--time_limit', text]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: argument --time_limit: expected'), err
@@ -102,7 +102,7 @@ def test_a_bad_time_limit_is_one_argparse_error(text, capsys):
 def test_format_duration_gives_a_time_limit_value():
     assert [stopping.format_duration(s) for s in (5400, 3600, 540, 90, 0.5)] == ['90m', '1h', '9m', '90s', '0.5s']
     for s in (5400, 3600, 540, 90, 0.5):
-        assert utils.duration(stopping.format_duration(s)) == s
+        assert cli.duration(stopping.format_duration(s)) == s
 
 
 def test_time_limit_with_seeds_is_refused(tmp_path, capsys):
