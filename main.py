@@ -15,9 +15,9 @@ import warnings
 
 import torch
 
-import rundir
 import cli
 import dist_util
+import rundir
 import utils
 from board import require_tensorboard
 from aggregate import aggregate_results, aggregate_table

@@ -28,8 +28,8 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-import config
 import cli
+import config
 import utils
 from aggregate import PROTOCOLS, aggregate_results
 from plots import plot_reproduction

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import rundir
 import dist_util
+import rundir
 import utils
 from metrics import evaluate, format_metrics, metric_names
 from board import open_board
