@@ -35,7 +35,8 @@ def test_bench_prints_the_table_and_writes_the_report(tmp_path, capsys):
     # the ratio of each median to the matrix products alone, at the rate measured in the same run (fp32 here)
     for part in ('train_step', 'eval_batch'):
         floor = report['matmul_gflop'][part] * 1000 / report['machine']['gemm_gflops_float32']
-        assert report['floor_ratio'][part] == pytest.approx(fast[part]['median_ms'] / floor, rel=2e-2)
+        # the report rounds the ratio to two decimals: up to 0.005 off, more than 2% of a ratio below 0.25
+        assert report['floor_ratio'][part] == pytest.approx(fast[part]['median_ms'] / floor, rel=2e-2, abs=5e-3)
     assert f'median over its floor (fp32): training step {report["floor_ratio"]["train_step"]:g}x' in out
     for part in ('train_step', 'eval_batch'):
         ops = report['profile'][part]
