@@ -9,8 +9,9 @@
 
 Each run lives in <out>/<dataset>/seed_<S>/ and is a `python main.py` subprocess with the reference's defaults
 (the authors' script takes only --dataset) plus every flag this script does not know, which is passed through.
-<out>/reproduce.json records the first call's datasets, seeds and main.py flags. A later call skips the
-finished runs, resumes the interrupted ones, and refuses other flags.
+<out>/reproduce.json records the plan: every (dataset, seed) run asked for, and the first call's main.py flags.
+A later call runs its own --datasets x --seeds (the whole plan when it gives neither), adds those new to the
+plan, skips the finished runs, resumes the interrupted ones, and refuses other main.py flags.
 
 Exit status: 0 every run finished (report written); 3 the time budget is spent (run the same command again);
 a failed run's own status (its last error lines are shown); 2 bad flags; 128 + the signal number after
@@ -78,9 +79,10 @@ def build_parser():
                                        'paper\'s Table 2 (with --model sasrec: with the published SASRec rows). '
                                        'Every flag not listed here is passed to main.py (python main.py --help).')
     p.add_argument('--datasets', nargs='+', default=None, metavar='D',
-                   help=f'datasets (default {" ".join(DEFAULT_DATASETS)}, or the first call\'s)')
+                   help=f'datasets of this call (default {" ".join(DEFAULT_DATASETS)}, or all the plan\'s); '
+                        'runs new to --out join its plan')
     p.add_argument('--seeds', type=cli.seed, nargs='+', default=None, metavar='S',
-                   help=f'seeds (default {" ".join(map(str, DEFAULT_SEEDS))}, or the first call\'s)')
+                   help=f'seeds of this call (default {" ".join(map(str, DEFAULT_SEEDS))}, or all the plan\'s)')
     p.add_argument('--out', default='runs/reproduce', help='folder of the runs and the report')
     p.add_argument('--time_limit', type=cli.duration, default=None, metavar='T',
                    help='budget of this call (seconds, or a number with s/m/h); when spent: checkpoints, exit 3')
@@ -148,27 +150,43 @@ def check_plan(datasets, seeds):
             raise ValueError(str(e)) from None
 
 
-def load_state(out, args, flags):
-    """The run plan of `out`: the first call's, checked against this call's, or a new one (not yet written)."""
+def planned_runs(state):
+    """The plan's runs [(dataset, seed)] in order. A reproduce.json written before the plan could grow holds
+    datasets and seeds instead: their product."""
+    if 'runs' in state:
+        return [(dataset, seed) for dataset, seed in state['runs']]
+    return [(dataset, seed) for dataset in state['datasets'] for seed in state['seeds']]
+
+
+def load_plan(out, args, flags):
+    """(the plan of `out` with this call's new runs added, this call's runs, the runs added).
+
+    The call's runs are --datasets x --seeds, in the plan's order (runs asked for earlier start first); a flag
+    left out stands for all the plan's values (on a new `out` the defaults), so a call with neither runs the
+    whole plan. The main.py flags must be the first call's."""
     check_plan(args.datasets, args.seeds)
     path = os.path.join(out, STATE_FILE)
-    if not os.path.exists(path):
-        return {'datasets': args.datasets or DEFAULT_DATASETS, 'seeds': args.seeds or DEFAULT_SEEDS,
-                'main_flags': flags}, False
-    state = read_json(path)
-    for name in ('datasets', 'seeds'):
-        given = getattr(args, name)
-        if given is not None and list(given) != state[name]:
-            raise ValueError(f'--{name} {" ".join(map(str, given))} differs from the first call on {out} '
-                             f'({" ".join(map(str, state[name]))}); repeat it or choose another --out')
-    differ = differing_flags(state['main_flags'], flags)
-    if differ:
-        a, b = vars(main_parser().parse_args(state['main_flags'])), vars(main_parser().parse_args(flags))
-        raise ValueError(f'--{differ[0]} differs from the first call on {out} ({a[differ[0]]!r} then, '
-                         f'{b[differ[0]]!r} now' + (f'; also {", ".join("--" + n for n in differ[1:])}' if differ[1:]
-                                                    else '')
-                         + f'); repeat its flags ({shlex.join(state["main_flags"]) or "none"}) or choose another --out')
-    return state, True
+    if os.path.exists(path):
+        state = read_json(path)
+        differ = differing_flags(state['main_flags'], flags)
+        if differ:
+            a, b = vars(main_parser().parse_args(state['main_flags'])), vars(main_parser().parse_args(flags))
+            raise ValueError(f'--{differ[0]} differs from the first call on {out} ({a[differ[0]]!r} then, '
+                             f'{b[differ[0]]!r} now'
+                             + (f'; also {", ".join("--" + n for n in differ[1:])}' if differ[1:] else '')
+                             + f'); repeat its flags ({shlex.join(state["main_flags"]) or "none"}) '
+                             f'or choose another --out')
+        plan, flags = planned_runs(state), state['main_flags']
+    else:
+        plan = []
+    if plan and args.datasets is None and args.seeds is None:
+        return {'runs': plan, 'main_flags': flags}, plan, []
+    datasets = args.datasets or list(dict.fromkeys(d for d, _ in plan)) or DEFAULT_DATASETS
+    seeds = args.seeds or list(dict.fromkeys(s for _, s in plan)) or DEFAULT_SEEDS
+    asked = [(dataset, seed) for dataset in datasets for seed in seeds]
+    added = [run for run in asked if run not in plan]
+    plan += added
+    return {'runs': plan, 'main_flags': flags}, [run for run in plan if run in asked], added  # in the plan's order
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,7 +383,9 @@ def seed_of(name):
 
 def collect_runs(out, state):
     """{dataset: {seed: run_summary}} for the planned runs (state) and any other <dataset>/seed_<S> folder."""
-    planned = {d: list(state['seeds']) for d in state['datasets']} if state else {}
+    planned = {}
+    for dataset, seed in planned_runs(state) if state else []:
+        planned.setdefault(dataset, []).append(seed)
     found = {}
     if os.path.isdir(out):
         for dataset in sorted(os.listdir(out)):
@@ -549,16 +569,17 @@ def reproduce(argv, runner):
             write_report(out)
         return 0
     check_main_flags(flags)
-    state, existing = load_state(out, args, flags)
-    check_configs(flags, state['datasets'])
+    state, runs, added = load_plan(out, args, flags)
+    check_configs(flags, list(dict.fromkeys(d for d, _ in runs)))
     cli.writable_dir(out, '--out')  # before any run: a bad --out must not surface at the report
-    if not existing:
+    if added:
+        if len(added) < len(state['runs']):
+            print(f'added to the plan of {out}: ' + ', '.join(f'{d} seed {s}' for d, s in added))
         utils.write_json(state, os.path.join(out, STATE_FILE))
     smoke = is_smoke(flags)
-    todo = [(d, s) for d in state['datasets'] for s in state['seeds']
-            if progress(run_dir(out, d, s), smoke)['status'] != 'finished']
-    if len(todo) < len(state['datasets']) * len(state['seeds']):
-        print(f'{len(state["datasets"]) * len(state["seeds"]) - len(todo)} run(s) finished already, skipped')
+    todo = [(d, s) for d, s in runs if progress(run_dir(out, d, s), smoke)['status'] != 'finished']
+    if len(todo) < len(runs):
+        print(f'{len(runs) - len(todo)} run(s) finished already, skipped')
     status = run_all(todo, out, flags, args.parallel, args.time_limit, runner)
     if status == PAUSED:
         left = sum(progress(run_dir(out, d, s), smoke)['status'] != 'finished' for d, s in todo)

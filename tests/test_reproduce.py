@@ -74,7 +74,7 @@ def test_full_call_writes_the_table_with_mean_and_sample_std(finished):
     assert f'| cpu ({runs[0]["hardware"]}) |' in md
     assert (finished / 'curves.png').stat().st_size > 0
     assert json.loads((finished / 'reproduce.json').read_text()) == {
-        'datasets': ['synthetic'], 'seeds': [1, 2], 'main_flags': FLAGS}
+        'runs': [['synthetic', 1], ['synthetic', 2]], 'main_flags': FLAGS}
 
 
 def test_second_call_skips_finished_runs(finished, capsys):
@@ -94,8 +94,47 @@ def test_differing_flags_are_refused_by_name(finished, capsys):
     spelled = ['--epochs=2', '--eval_interval', '1', '--hidden_size', '8', '--heads=2', '--num_blocks', '1',
                '--diffusion_steps', '4', '--optimizer', 'Adam']
     assert reproduce.main(['--out', str(finished), *spelled], runner=never_runs) == 0
-    assert reproduce.main(['--out', str(finished), '--seeds', '1', '3', *FLAGS], runner=never_runs) == 2
-    assert capsys.readouterr().err.startswith('error: --seeds 1 3 differs from the first call')
+    # a call that would add runs with other flags is refused before the plan grows
+    before = (finished / 'reproduce.json').read_text()
+    assert reproduce.main(['--out', str(finished), '--seeds', '3', *FLAGS[:-1], '8'], runner=never_runs) == 2
+    assert (finished / 'reproduce.json').read_text() == before
+
+
+def test_a_later_call_adds_seeds_runs_only_its_own_and_a_plain_call_runs_the_whole_plan(finished, tmp_path, capsys):
+    out = tmp_path / 'out'
+    shutil.copytree(finished, out)
+    recorder = Recorder(3)
+    assert reproduce.main(['--datasets', 'synthetic', '--seeds', '2', '3', '--out', str(out), *FLAGS],
+                          runner=recorder) == 3
+    [cmd] = recorder.commands  # seed 2 finished already; seed 1 is not this call's
+    assert cmd[2:6] == ['--dataset', 'synthetic', '--random_seed', '3']
+    printed = capsys.readouterr().out
+    assert f'added to the plan of {out}: synthetic seed 3' in printed and '1 run(s) finished already' in printed
+    assert json.loads((out / 'reproduce.json').read_text())['runs'] == [
+        ['synthetic', 1], ['synthetic', 2], ['synthetic', 3]]
+    recorder = Recorder(3)
+    assert reproduce.main(['--out', str(out), *FLAGS], runner=recorder) == 3
+    assert [c[2:6] for c in recorder.commands] == [['--dataset', 'synthetic', '--random_seed', '3']]
+    assert '2 run(s) finished already' in capsys.readouterr().out
+    # runs asked for earlier start first, whatever order a call lists them in
+    recorder = Recorder(0, 0)
+    assert reproduce.main(['--seeds', '4', '3', '--out', str(out), *FLAGS], runner=recorder) == 0
+    assert [c[5] for c in recorder.commands] == ['3', '4']
+    # the report knows the added runs: planned, unfinished, not averaged
+    assert reproduce.main(['--out', str(out), '--report']) == 0
+    table = json.loads((out / 'table.json').read_text())
+    assert table['datasets']['synthetic']['seeds'] == [1, 2] and [u['seed'] for u in table['unfinished']] == [3, 4]
+
+
+def test_a_plan_written_as_datasets_and_seeds_is_their_product(finished, tmp_path, capsys):
+    out = tmp_path / 'out'
+    shutil.copytree(finished, out)
+    (out / 'reproduce.json').write_text(json.dumps({'datasets': ['synthetic'], 'seeds': [1, 2], 'main_flags': FLAGS}))
+    assert reproduce.main(['--out', str(out), *FLAGS], runner=never_runs) == 0
+    assert '2 run(s) finished already, skipped' in capsys.readouterr().out
+    assert reproduce.main(['--out', str(out), '--seeds', '1', '2', *FLAGS], runner=never_runs) == 0
+    assert 'added to the plan' not in capsys.readouterr().out
+    assert 'datasets' in json.loads((out / 'reproduce.json').read_text())  # unchanged: nothing was added
 
 
 def test_bad_or_own_main_flags_are_one_line(tmp_path, capsys):
