@@ -583,7 +583,7 @@ def reproduce(argv, runner):
     status = run_all(todo, out, flags, args.parallel, args.time_limit, runner)
     if status == PAUSED:
         left = sum(progress(run_dir(out, d, s), smoke)['status'] != 'finished' for d, s in todo)
-        print(f'time budget spent: {left} run(s) unfinished, checkpoints written; continue with the same command: '
+        print(f'time budget spent: {left} run(s) unfinished; continue with the same command: '
               f'python reproduce.py {shlex.join(argv)}')
     elif status == 0:
         write_report(out)

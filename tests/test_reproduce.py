@@ -258,7 +258,7 @@ def test_a_paused_piece_ends_the_call_with_status_3(tmp_path, capsys):
     assert cmd[2:6] == ['--dataset', 'synthetic', '--random_seed', '1']
     out = capsys.readouterr().out
     assert 'synthetic seed 1: paused' in out
-    assert ('2 run(s) unfinished, checkpoints written; continue with the same command: python reproduce.py '
+    assert ('2 run(s) unfinished; continue with the same command: python reproduce.py '
             + ' '.join(argv)) in out
 
 
