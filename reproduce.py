@@ -176,17 +176,18 @@ def load_plan(out, args, flags):
                              + (f'; also {", ".join("--" + n for n in differ[1:])}' if differ[1:] else '')
                              + f'); repeat its flags ({shlex.join(state["main_flags"]) or "none"}) '
                              f'or choose another --out')
-        plan, flags = planned_runs(state), state['main_flags']
+        plan, first_flags = planned_runs(state), state['main_flags']
     else:
-        plan = []
+        plan, first_flags = [], flags
     if plan and args.datasets is None and args.seeds is None:
-        return {'runs': plan, 'main_flags': flags}, plan, []
+        return {'runs': plan, 'main_flags': first_flags}, plan, []
     datasets = args.datasets or list(dict.fromkeys(d for d, _ in plan)) or DEFAULT_DATASETS
     seeds = args.seeds or list(dict.fromkeys(s for _, s in plan)) or DEFAULT_SEEDS
     asked = [(dataset, seed) for dataset in datasets for seed in seeds]
     added = [run for run in asked if run not in plan]
     plan += added
-    return {'runs': plan, 'main_flags': flags}, [run for run in plan if run in asked], added  # in the plan's order
+    runs = [run for run in plan if run in asked]  # in the plan's order
+    return {'runs': plan, 'main_flags': first_flags}, runs, added
 
 
 # ----------------------------------------------------------------------------------------------------------
